@@ -1,0 +1,177 @@
+"""Train state and the jitted train / eval / predict steps, laid out over the partitioner's mesh.
+
+The train state is a plain dict pytree `{"step", "params", "opt_state"}` (easy for orbax and for shardings).
+Parameters are an nnx pure dict; inside each jitted function the module is rebuilt with `nnx.merge`, so the
+compiled step is a pure function of (state, batch) with explicit in/out shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from itjax import losses
+from itjax.partitioning import Partitioner, logical_axes_of
+
+TrainState = dict  # {"step": int32 [], "params": pure dict, "opt_state": optax state}
+
+
+class Trainer:
+    """Owns the compiled functions for one (model, optimizer, mesh) triple.
+
+    Args:
+      model: an EncoderDecoderModel-like object (make_module, abstract_module, loss_terms, predict, score).
+      optimizer: an optax GradientTransformation.
+      partitioner: mesh and logical-axis rules.
+      learning_rate_fn: the schedule, only for logging the current learning rate.
+      num_microbatches: gradient accumulation: the global batch is split into this many microbatches whose
+        gradients are summed (a `lax.scan`), giving the same update as the full batch.
+      seed: parameter-initialisation seed; the dropout key is derived from it too.
+    """
+
+    def __init__(self, model, optimizer: optax.GradientTransformation, partitioner: Partitioner, *,
+                 learning_rate_fn: Callable | float | None = None, num_microbatches: int = 1, seed: int = 0):
+        self.model = model
+        self.optimizer = optimizer
+        self.partitioner = partitioner
+        self.num_microbatches = num_microbatches
+        self.seed = seed
+        self._learning_rate_fn = learning_rate_fn
+        self._dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+        abstract = model.abstract_module(seed)
+        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        param_axes = logical_axes_of(abstract_params)
+        abstract_params = nnx.to_pure_dict(abstract_params)
+        self.param_shardings = partitioner.param_shardings(param_axes)
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        self.state_shardings: TrainState = {
+            "step": partitioner.replicated,
+            "params": self.param_shardings,
+            "opt_state": partitioner.optimizer_state_shardings(abstract_opt, abstract_params, self.param_shardings),
+        }
+        abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                          "opt_state": abstract_opt}
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_shardings)
+        self._train_step = None
+        self._eval_step = None
+        self._predict = {}
+        self._score = None
+
+    # ----------------------------------------------------------------------------------------------- state
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state["params"]))
+
+    def init_state(self) -> TrainState:
+        """Freshly initialised parameters and optimizer state, created directly in their shardings."""
+        def init():
+            params = nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+        with self.partitioner.mesh:
+            return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def module(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, nnx.State(params))
+
+    # ----------------------------------------------------------------------------------------------- train
+    def _batch_shardings(self, batch: Mapping[str, Any]):
+        return {k: self.partitioner.batch_sharding(np.ndim(v)) for k, v in batch.items()}
+
+    def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+        """One optimizer update on a global batch. Returns (new state, scalar metrics)."""
+        if self._train_step is None:
+            self._train_step = jax.jit(
+                self._train_step_impl, in_shardings=(self.state_shardings, self._batch_shardings(batch)),
+                out_shardings=(self.state_shardings, self.partitioner.replicated), donate_argnums=(0,))
+        with self.partitioner.axis_rules():
+            return self._train_step(state, batch)
+
+    def _train_step_impl(self, state: TrainState, batch: Mapping[str, jax.Array]):
+        weights, divisor = losses.normalized_weights_and_factor(
+            batch["decoder_loss_weights"], batch.get("decoder_segment_ids"), self.model.loss_normalizing_factor)
+        batch = dict(batch, _weights=weights)
+        step_key = jax.random.fold_in(self._dropout_key, state["step"])
+        dropout = getattr(self.model.config, "dropout_rate", 0.0) > 0
+
+        def loss_fn(params, microbatch, key):
+            terms = self.model.loss_terms(self.module(params), microbatch, microbatch["_weights"],
+                                          dropout_rng=key if dropout else None)
+            return terms["loss_sum"] / divisor, terms
+
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        m = self.num_microbatches
+        if m == 1:
+            grads, terms = grad_fn(state["params"], batch, step_key)
+        else:
+            # Row r of the global batch goes to microbatch r % m: every device contributes to every microbatch,
+            # so the batch sharding is kept inside the scan.
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), batch)
+
+            def accumulate(carry, xs):
+                index, microbatch = xs
+                g, t = grad_fn(state["params"], microbatch, jax.random.fold_in(step_key, index))
+                return jax.tree.map(jnp.add, carry, (g, t)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"],
+                                                                 jax.tree.map(lambda x: x[0], micro), step_key))
+            (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
+
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": terms["loss_sum"] / divisor,
+            "z_loss": terms["z_loss_sum"] / divisor,
+            "accuracy": terms["correct"] / jnp.maximum(terms["tokens"], 1.0),
+            "target_tokens": terms["tokens"],
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": self._learning_rate(state["step"]),
+        }
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    def _learning_rate(self, step):
+        fn = self._learning_rate_fn
+        if fn is None:
+            return jnp.float32(jnp.nan)
+        return jnp.asarray(fn(step) if callable(fn) else fn, jnp.float32)
+
+    # ------------------------------------------------------------------------------------------------ eval
+    def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict:
+        """Teacher-forced sums over a batch: loss (mean over real target tokens when divided), correct, tokens."""
+        if self._eval_step is None:
+            def impl(params, batch):
+                weights = (batch["decoder_loss_weights"] > 0).astype(jnp.float32)
+                return self.model.loss_terms(self.module(params), batch, weights)
+            self._eval_step = jax.jit(impl, in_shardings=(self.param_shardings, self._batch_shardings(batch)),
+                                      out_shardings=self.partitioner.replicated)
+        with self.partitioner.axis_rules():
+            return self._eval_step(params, batch)
+
+    def predict(self, params, batch: Mapping[str, jax.Array], max_decode_length: int, eos_id: int = 1) -> jax.Array:
+        """Greedy decoding: [batch, max_decode_length] token ids."""
+        if max_decode_length not in self._predict:
+            fn = functools.partial(self._predict_impl, max_decode_length=max_decode_length, eos_id=eos_id)
+            self._predict[max_decode_length] = jax.jit(
+                fn, in_shardings=(self.param_shardings, self._batch_shardings(batch)),
+                out_shardings=self.partitioner.batch_sharding(2))
+        with self.partitioner.axis_rules():
+            return self._predict[max_decode_length](params, batch)
+
+    def _predict_impl(self, params, batch, *, max_decode_length, eos_id):
+        return self.model.predict(self.module(params), batch, max_decode_length, eos_id)
+
+    def score(self, params, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Per-example target log-likelihood [batch] (nats)."""
+        if self._score is None:
+            self._score = jax.jit(lambda p, b: self.model.score(self.module(p), b),
+                                  in_shardings=(self.param_shardings, self._batch_shardings(batch)),
+                                  out_shardings=self.partitioner.batch_sharding(1))
+        with self.partitioner.axis_rules():
+            return self._score(params, batch)
