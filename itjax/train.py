@@ -53,6 +53,17 @@ def _check_model_dir(model_dir: str) -> None:
                                      f"--gin.MODEL_DIR=\"'/a/writable/dir'\".") from None
 
 
+def _check_vocabulary(task, model) -> None:
+    """The model's embedding table must cover every id the task's vocabularies can produce."""
+    for name, feature in task.output_features.items():
+        size = feature.vocabulary.vocab_size
+        if size > model.config.vocab_size:
+            raise config_lib.ConfigError(
+                f"feature {name!r} of {task.name!r} uses a vocabulary of {size} ids but the model's "
+                f"T5Config.vocab_size is {model.config.vocab_size}; set T5Config.vocab_size >= {size} in the model "
+                "gin file (T5 rounds it up to a multiple of 128).")
+
+
 @gin.configurable(denylist=["progress"])
 def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
@@ -90,6 +101,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         raise config_lib.ConfigError(
             f"BATCH_SIZE={batch_size} must be a multiple of (batch-sharded devices {partitioner.batch_divisor}) x "
             f"(num_microbatches {num_microbatches}) = {divisor}.")
+    _check_vocabulary(task, model)
     _check_model_dir(model_dir)
     log.info("Mesh %s, %d devices, %d process(es).", dict(partitioner.mesh.shape), jax.device_count(),
              jax.process_count())
@@ -205,8 +217,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "jax", "tensorflow", "seqio"):
+    for noisy in ("orbax", "jax", "tensorflow", "seqio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # seqio warns through absl about every uncached in-memory task; only errors matter on the console.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    # gin logs an ERROR for each search path an `include` is *not* found in before it finds the file.
+    logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found:"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         config_lib.check_macros()
         train(progress=not args.no_progress)
     except (config_lib.ConfigError, CheckpointMismatchError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # gin appends "In call to configurable ..." lines; the message itself already names what to fix.
+        message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

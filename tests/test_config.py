@@ -1,0 +1,62 @@
+import os
+
+import gin
+import pytest
+
+from itjax import config as config_lib
+
+
+@gin.configurable
+def _run(model_dir=gin.REQUIRED, train_steps=gin.REQUIRED):
+    return model_dir, train_steps
+
+
+def test_gin_overrides_are_split_from_argv_and_paths_quoted():
+    bindings, rest = config_lib.split_gin_overrides(
+        ["--gin_file=a.gin", "--gin.TRAIN_STEPS=10", "--gin.MODEL_DIR=/tmp/x", "--gin.NAME='s'"])
+    assert rest == ["--gin_file=a.gin"]
+    assert bindings == ["TRAIN_STEPS = 10", "MODEL_DIR = '/tmp/x'", "NAME = 's'"]
+
+
+def test_gin_files_resolve_against_search_paths_and_builtin_folder(tmp_path):
+    (tmp_path / "mine.gin").write_text("X = 1\n")
+    assert config_lib.resolve_gin_file("mine.gin", [str(tmp_path)]) == str(tmp_path / "mine.gin")
+    assert config_lib.resolve_gin_file("quickstart.gin", []).endswith(os.path.join("gin", "quickstart.gin"))
+    with pytest.raises(config_lib.ConfigError, match="gin file 'nope.gin' not found"):
+        config_lib.resolve_gin_file("nope.gin", [str(tmp_path)])
+
+
+def _parse(lines):
+    gin.parse_config(lines + ["_run.model_dir = %MODEL_DIR", "_run.train_steps = %TRAIN_STEPS"])
+
+
+def test_required_macro_missing_is_named():
+    _parse(["MODEL_DIR = '/tmp/x'"])
+    with pytest.raises(config_lib.ConfigError, match="TRAIN_STEPS"):
+        config_lib.check_macros(required=("MODEL_DIR", "TRAIN_STEPS"))
+
+
+def test_misspelled_macro_is_reported_with_a_suggestion():
+    _parse(["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 3", "TRAIN_STPES = 5"])
+    with pytest.raises(config_lib.ConfigError, match="TRAIN_STPES is set but nothing uses it; did you mean TRAIN_STEPS"):
+        config_lib.check_macros(required=("MODEL_DIR", "TRAIN_STEPS"))
+
+
+def test_complete_config_passes():
+    _parse(["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 3"])
+    config_lib.check_macros(required=("MODEL_DIR", "TRAIN_STEPS"))
+    assert _run() == ("/tmp/x", 3)
+
+
+def test_bad_gin_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("_run.model_dir = [unclosed\n")
+    with pytest.raises(config_lib.ConfigError, match="bad.gin"):
+        config_lib.parse_gin([str(bad)], [])
+
+
+def test_operative_config_never_overwrites_a_different_one(tmp_path):
+    (tmp_path / "config.gin").write_text("# an earlier run\n")
+    config_lib.save_operative_config(str(tmp_path))
+    assert (tmp_path / "config.1.gin").read_text() == "# an earlier run\n"
+    assert (tmp_path / "config.gin").exists()
