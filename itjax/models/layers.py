@@ -1,0 +1,174 @@
+"""Layers shared by the model families: RMS norm, einsum projections, embeddings, MLPs and dropout.
+
+Conventions:
+- Parameters are float32 and carry logical axis names (`out_sharding`, e.g. `('embed', 'mlp')`); computation runs
+  in the module's `dtype` (float32 or bfloat16) except where noted (norm statistics, final logits).
+- Dense kernels are `[*in_dims, *out_dims]` (T5X `DenseGeneral` layout): `[embed, mlp]` for an MLP input,
+  `[embed, heads, kv]` for attention q/k/v and `[heads, kv, embed]` for the attention output.
+- Randomness is functional: dropout takes an explicit PRNG key (`None` = deterministic), modules keep no RNG state,
+  so a forward pass is a pure function of (params, inputs, key).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from itjax.partitioning import with_logical_constraint
+
+Initializer = Callable[..., jax.Array]
+
+# Activation names on the hidden states of a transformer stack.
+HIDDEN_AXES = ("batch", "length", "embed")
+
+
+def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
+    """Splits a PRNG key into `num` independent keys; `None` (deterministic) gives `num` Nones."""
+    if rng is None:
+        return [None] * num
+    return list(jax.random.split(rng, num))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zeroes each element with probability `rate`, scales the rest by 1 / (1 - rate).
+
+    Identity when `rng` is None or `rate` is 0.
+    """
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """T5 layer norm: `x * rsqrt(mean(x^2) + eps) * scale`, no mean subtraction and no bias.
+
+    Statistics and the scale multiply are computed in float32; the result is cast to `dtype`.
+    Parameter: `scale` [features] ('embed',), initialised to ones.
+    """
+
+    def __init__(self, features: int, *, epsilon: float = 1e-6, dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), out_sharding=("embed",))
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., features] -> [..., features] in `dtype`."""
+        x = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(variance + self.epsilon) * self.scale[...]
+        return y.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """Bias-free projection contracting the trailing input dims with a `[*in_dims, *out_dims]` kernel.
+
+    The kernel is initialised as a 2D `[prod(in_dims), prod(out_dims)]` matrix and reshaped, so fan-in / fan-out
+    based initialisers see the same fans as T5X `DenseGeneral`.
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        kernel_axes: Sequence[str],
+        kernel_init: Initializer,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        in_shape = _as_shape(in_features)
+        out_shape = _as_shape(out_features)
+        if len(kernel_axes) != len(in_shape) + len(out_shape):
+            raise ValueError(f"Dense: kernel_axes {tuple(kernel_axes)} do not match the kernel shape "
+                             f"{in_shape + out_shape}")
+        flat = kernel_init(rngs.params(), (math.prod(in_shape), math.prod(out_shape)), jnp.float32)
+        self.kernel = nnx.Param(flat.reshape(in_shape + out_shape), out_sharding=tuple(kernel_axes))
+        self.num_in_dims = len(in_shape)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., *in_dims] -> [..., *out_dims] in `dtype`."""
+        n = self.num_in_dims
+        contracting = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        kernel = self.kernel[...].astype(self.dtype)
+        return jax.lax.dot_general(x.astype(self.dtype), kernel, (contracting, ((), ())))
+
+
+class Embed(nnx.Module):
+    """Token embedding table `embedding` [vocab, embed] ('vocab', 'embed')."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        rngs: nnx.Rngs,
+        embedding_init: Initializer = jax.nn.initializers.normal(stddev=1.0),
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        table = embedding_init(rngs.params(), (num_embeddings, features), jnp.float32)
+        self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """int tokens [batch, length] -> embeddings [batch, length, embed] in `dtype`."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the table (tied output layer): [..., embed] -> [..., vocab] in float32."""
+        return jnp.einsum("...e,ve->...v", x.astype(jnp.float32), self.embedding[...])
+
+
+class MLP(nnx.Module):
+    """Transformer feed-forward block, T5 style (no biases).
+
+    - 'gated-gelu' (T5 v1.1): `(gelu_tanh(x @ wi_0) * (x @ wi_1)) @ wo`; parameters `wi_0`, `wi_1`, `wo`.
+    - 'relu' (T5 1.0): `relu(x @ wi) @ wo`; parameters `wi`, `wo`.
+    Kernels: wi* [embed, mlp] ('embed', 'mlp'), wo [mlp, embed] ('mlp', 'embed'); all initialised
+    variance_scaling(1.0, 'fan_in', 'truncated_normal') as T5X. Dropout is applied to the hidden activation.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features: int,
+        *,
+        activation: str,
+        rngs: nnx.Rngs,
+        dropout_rate: float = 0.0,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+        def dense(n_in: int, n_out: int, axes: tuple[str, str]) -> Dense:
+            return Dense(n_in, n_out, kernel_axes=axes, kernel_init=init, rngs=rngs, dtype=dtype)
+
+        if activation == "gated-gelu":
+            self.wi_0 = dense(features, hidden_features, ("embed", "mlp"))
+            self.wi_1 = dense(features, hidden_features, ("embed", "mlp"))
+        elif activation == "relu":
+            self.wi = dense(features, hidden_features, ("embed", "mlp"))
+        else:
+            raise ValueError(f"MLP: unknown activation {activation!r}; expected 'gated-gelu' or 'relu'")
+        self.wo = dense(hidden_features, features, ("mlp", "embed"))
+        self.activation = activation
+        self.dropout_rate = dropout_rate
+
+    def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """[batch, length, embed] -> [batch, length, embed]."""
+        if self.activation == "gated-gelu":
+            h = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
+        else:
+            h = jax.nn.relu(self.wi(x))
+        h = with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = dropout(h, self.dropout_rate, dropout_rng)
+        return self.wo(h)
+
+
+def _as_shape(features: int | Sequence[int]) -> tuple[int, ...]:
+    return (features,) if isinstance(features, int) else tuple(features)
