@@ -36,7 +36,9 @@ class Checkpointer:
         self.period = period
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                                enable_async_checkpointing=use_async, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "dataset"))
+        # Handlers are given up front so a fresh manager can read metadata before the first save / restore.
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "dataset": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

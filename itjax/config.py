@@ -64,10 +64,12 @@ def resolve_gin_file(name: str, search_paths: Iterable[str]) -> str:
     )
 
 
-def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> list[str]:
-    """Parses gin files then bindings (later ones win). Returns the resolved file paths.
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+              required_macros: Sequence[str] = ()) -> list[str]:
+    """Parses gin files then bindings (later ones win), checks macros, finalizes. Returns the resolved paths.
 
-    Errors in a file or binding are re-raised as ConfigError naming the file or binding.
+    Errors in a file or binding are re-raised as ConfigError naming the file or binding; see `check_macros` for
+    what `required_macros` enforces (pass REQUIRED_TRAIN_MACROS for a training run).
     """
     search_paths = [os.path.abspath(p) for p in search_paths]
     for path in [*search_paths, builtin_gin_dir()]:
@@ -83,7 +85,11 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
             gin.parse_config(binding)
         except (ValueError, SyntaxError, KeyError, ImportError) as e:
             raise ConfigError(f"error in gin binding `{binding}` (from --gin.* or --gin_bindings): {e}") from e
-    gin.finalize()
+    check_macros(required_macros)
+    try:
+        gin.finalize()
+    except ValueError as e:
+        raise ConfigError(f"gin config is incomplete: {str(e).splitlines()[0]}") from e
     return resolved
 
 

@@ -72,7 +72,8 @@ class Evaluation:
       mixture_or_task_name: registered seqio task or mixture; tasks without the split are skipped (seqio rule).
       feature_converter_cls: the model's seqio feature converter class (used unpacked).
       task_feature_lengths: fixed lengths, so eval batches have one shape and compile once.
-      batch_size: global eval batch size (rows are padded up to a multiple of it).
+      batch_size: global eval batch size (rounded up to a multiple of `batch_divisor`, the number of devices the
+        batch is split over; the last batch of a task is padded).
       split: the eval split name.
       model_dir: where metrics.jsonl and predictions/ go.
       max_decode_length: decoding budget in tokens (defaults to the targets length).
@@ -81,13 +82,13 @@ class Evaluation:
 
     def __init__(self, mixture_or_task_name: str, feature_converter_cls, task_feature_lengths: Mapping[str, int],
                  batch_size: int, split: str, model_dir: str, writer: MetricsWriter,
-                 max_decode_length: int | None = None, num_examples: int | None = None):
+                 max_decode_length: int | None = None, num_examples: int | None = None, batch_divisor: int = 1):
         self.evaluator = seqio.Evaluator(
             mixture_or_task_name, feature_converter=feature_converter_cls(pack=False), eval_split=split,
             sequence_length=dict(task_feature_lengths), num_examples=num_examples, async_compute_metrics=False,
             use_memory_cache=True)
         self.split = split
-        self.batch_size = batch_size
+        self.batch_size = -(-batch_size // batch_divisor) * batch_divisor
         self.max_decode_length = max_decode_length or task_feature_lengths["targets"]
         self.predictions_dir = os.path.join(model_dir, "predictions")
         self.writer = writer

@@ -125,7 +125,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     writer = MetricsWriter(model_dir)
     evaluation = Evaluation(mixture_or_task_name, model.feature_converter_cls, task_feature_lengths,
                             eval_batch_size or batch_size, eval_split, model_dir, writer,
-                            max_decode_length=max_decode_length, num_examples=eval_num_examples)
+                            max_decode_length=max_decode_length, num_examples=eval_num_examples,
+                            batch_divisor=partitioner.batch_divisor)
     if jax.process_index() == 0:
         config_lib.save_operative_config(model_dir)
 
@@ -230,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         search_paths = [p for p in args.gin_search_paths.split(",") if p]
-        config_lib.parse_gin(args.gin_file, bindings, search_paths)
-        config_lib.check_macros()
+        config_lib.parse_gin(args.gin_file, bindings, search_paths, config_lib.REQUIRED_TRAIN_MACROS)
         train(progress=not args.no_progress)
     except (config_lib.ConfigError, CheckpointMismatchError, TrainingDiverged) as e:
         # gin appends "In call to configurable ..." lines; the message itself already names what to fix.

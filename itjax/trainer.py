@@ -75,8 +75,7 @@ class Trainer:
         def init():
             params = nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
-        with self.partitioner.mesh:
-            return jax.jit(init, out_shardings=self.state_shardings)()
+        return jax.jit(init, out_shardings=self.state_shardings)()
 
     def module(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, nnx.State(params))
@@ -131,7 +130,7 @@ class Trainer:
             "z_loss": terms["z_loss_sum"] / divisor,
             "accuracy": terms["correct"] / jnp.maximum(terms["tokens"], 1.0),
             "target_tokens": terms["tokens"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": self._learning_rate(state["step"]),
         }
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
