@@ -8,6 +8,7 @@ inside the wheel as `itjax/_gin`, so it also works from an installed wheel).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from typing import Iterable, Sequence
@@ -16,6 +17,11 @@ import gin
 
 # Macros every training run must define (the names T5X users know).
 REQUIRED_TRAIN_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS", "BATCH_SIZE")
+
+
+# gin logs an ERROR on the root logger for each search path an `include` is *not* found in before it finds the
+# file; those are noise (a real miss raises).
+logging.getLogger().addFilter(lambda record: not str(record.msg).startswith("Path not found:"))
 
 
 class ConfigError(ValueError):

@@ -222,8 +222,6 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # seqio warns through absl about every uncached in-memory task; only errors matter on the console.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    # gin logs an ERROR for each search path an `include` is *not* found in before it finds the file.
-    logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found:"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ def train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
 
     `skip_batches` fast-forwards a resumed run to the batch an uninterrupted run would see next.
     """
+    get_mixture_or_task(mixture_or_task_name)  # registers the built-in tasks; clear error for unknown names
     if batch_size % jax.process_count():
         raise ConfigError(f"BATCH_SIZE={batch_size} must be divisible by the number of processes "
                           f"({jax.process_count()}).")
