@@ -91,7 +91,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
             gin.parse_config(binding)
         except (ValueError, SyntaxError, KeyError, ImportError) as e:
             raise ConfigError(f"error in gin binding `{binding}` (from --gin.* or --gin_bindings): {e}") from e
-    check_macros(required_macros)
+    if required_macros:  # a full run config: every macro must be set and used
+        check_macros(required_macros)
     try:
         gin.finalize()
     except ValueError as e:
