@@ -13,6 +13,8 @@ from itjax import train as train_lib
 SMALL = [
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}",
     "--gin.BATCH_SIZE=8",
+    # A schedule that does not depend on TRAIN_STEPS, so a resumed run and a straight one see the same rates.
+    "--gin.cosine_decay_schedule.decay_steps=1000",
     "--gin.train.eval_num_examples=3",
     "--gin.train.eval_period=0",
     "--gin.train.log_period=1",
