@@ -24,6 +24,22 @@ REQUIRED_TRAIN_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENG
 logging.getLogger().addFilter(lambda record: not str(record.msg).startswith("Path not found:"))
 
 
+
+def _never_raises(exists):
+    """gin's package-resource lookup treats `runs/train.gin` as file `train.gin` of Python package `runs`; a plain
+    `runs/` folder in the working directory (e.g. a MODEL_DIR parent) is a namespace package without a file
+    location and makes it raise TypeError instead of moving on to the next search path."""
+    def safe_exists(path: str) -> bool:
+        try:
+            return exists(path)
+        except TypeError:
+            return False
+    return safe_exists
+
+
+gin.config._FILE_READERS[:] = [(reader, _never_raises(exists)) for reader, exists in gin.config._FILE_READERS]
+
+
 class ConfigError(ValueError):
     """A user-fixable problem in gin files, overrides or flags. The message says what to change."""
 

@@ -60,3 +60,12 @@ def test_operative_config_never_overwrites_a_different_one(tmp_path):
     config_lib.save_operative_config(str(tmp_path))
     assert (tmp_path / "config.1.gin").read_text() == "# an earlier run\n"
     assert (tmp_path / "config.gin").exists()
+
+
+def test_folders_named_like_gin_subfolders_in_the_working_directory_do_not_break_includes(tmp_path, monkeypatch):
+    # `runs/` is where the quickstart writes by default; gin would take it for a Python package.
+    for folder in ("runs", "models", "partitioning"):
+        (tmp_path / folder / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config_lib.parse_gin(["quickstart.gin"], [], required_macros=config_lib.REQUIRED_TRAIN_MACROS)
+    assert gin.query_parameter("TRAIN_STEPS/macro.value") > 0
