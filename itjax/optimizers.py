@@ -51,8 +51,13 @@ def linear_decay_schedule(learning_rate: float = 1e-3, warmup_steps: int = 0, de
 @gin.configurable
 def cosine_decay_schedule(learning_rate: float = 1e-3, warmup_steps: int = 0, decay_steps: int = gin.REQUIRED,
                           end_value: float = 0.0) -> Schedule:
-    """Linear warmup from 0 to learning_rate, then cosine decay to end_value at decay_steps (total steps)."""
-    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0), decay_steps, end_value)
+    """Linear warmup from 0 to learning_rate, then cosine decay to end_value at decay_steps (total steps).
+
+    A run shorter than its warmup (decay_steps <= warmup_steps, e.g. a smoke test) warms up over its first half.
+    """
+    if decay_steps <= warmup_steps:
+        warmup_steps = decay_steps // 2
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(decay_steps, 1), end_value)
 
 
 @gin.configurable

@@ -41,3 +41,22 @@ def test_average_per_sequence_respects_packed_segments():
     w, d = losses.normalized_weights_and_factor(weights, segments, losses.AVERAGE_PER_SEQUENCE)
     np.testing.assert_allclose(w, [[0.5, 0.5, 1.0, 0], [1 / 3, 1 / 3, 1 / 3, 0]], rtol=1e-6)
     assert float(d) == pytest.approx(3.0)
+
+
+def test_schedules():
+    from itjax import optimizers
+    cosine = optimizers.cosine_decay_schedule(learning_rate=2e-2, warmup_steps=100, decay_steps=2000)
+    assert float(cosine(0)) == 0.0
+    assert float(cosine(50)) == pytest.approx(1e-2)
+    assert float(cosine(100)) == pytest.approx(2e-2)
+    assert float(cosine(1050)) == pytest.approx(1e-2, rel=1e-4)  # half way through the cosine
+    assert float(cosine(2000)) == pytest.approx(0.0, abs=1e-9)
+    short = optimizers.cosine_decay_schedule(learning_rate=1.0, warmup_steps=100, decay_steps=6)
+    assert float(short(3)) == pytest.approx(1.0) and float(short(6)) == pytest.approx(0.0, abs=1e-7)
+    rsqrt = optimizers.rsqrt_schedule(learning_rate=1.0, warmup_steps=10_000)
+    assert float(rsqrt(jnp.int32(5))) == pytest.approx(0.01)
+    assert float(rsqrt(jnp.int32(40_000))) == pytest.approx(0.005)
+    linear = optimizers.linear_decay_schedule(learning_rate=1.0, warmup_steps=10, decay_steps=110)
+    assert float(linear(5)) == pytest.approx(0.5) and float(linear(60)) == pytest.approx(0.5)
+    constant = optimizers.constant_schedule(learning_rate=1e-3, warmup_steps=10)
+    assert float(constant(5)) == pytest.approx(5e-4) and float(constant(500)) == pytest.approx(1e-3)
