@@ -13,6 +13,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -86,11 +87,10 @@ class Evaluation:
         self.evaluator = seqio.Evaluator(
             mixture_or_task_name, feature_converter=feature_converter_cls(pack=False), eval_split=split,
             sequence_length=dict(task_feature_lengths), num_examples=num_examples, async_compute_metrics=False,
-            use_memory_cache=True)
+            use_memory_cache=True, logger_cls=[PredictionsLogger], log_dir=os.path.join(model_dir, "predictions"))
         self.split = split
         self.batch_size = -(-batch_size // batch_divisor) * batch_divisor
         self.max_decode_length = max_decode_length or task_feature_lengths["targets"]
-        self.predictions_dir = os.path.join(model_dir, "predictions")
         self.writer = writer
         self._numpy_tasks = {name: [ex for _, ex in ds.as_numpy_iterator()]
                              for name, ds in self.evaluator.cached_model_datasets.items()}
@@ -132,8 +132,6 @@ class Evaluation:
                     totals[key] += float(terms[key])
             teacher_forced[name] = totals
 
-        logger = _PredictionsLogger(self.predictions_dir, enabled=jax.process_index() == 0)
-        self.evaluator._loggers = (logger,)  # seqio builds loggers from classes; ours needs no constructor args
         metrics, _ = self.evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
         per_task = metrics.result()
 
@@ -161,15 +159,11 @@ def _micro_average(results: Mapping[str, Mapping[str, float]]) -> dict[str, floa
     return out
 
 
-class _PredictionsLogger(seqio.Logger):
-    """seqio logger writing predictions/<task>-<step>.jsonl with input, prediction and references."""
-
-    def __init__(self, output_dir: str, enabled: bool = True):
-        super().__init__(output_dir=output_dir)
-        self.enabled = enabled
+class PredictionsLogger(seqio.Logger):
+    """seqio logger writing <output_dir>/<task>-<step>.jsonl with input, prediction and references (process 0)."""
 
     def __call__(self, task_name, step, metrics, dataset, inferences, targets) -> None:
-        if not self.enabled or dataset is None:
+        if jax.process_index() != 0 or dataset is None:
             return
         os.makedirs(self.output_dir, exist_ok=True)
         predictions = (inferences or {}).get("prediction", [])
