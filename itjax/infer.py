@@ -30,7 +30,7 @@ from itjax.data import pipeline
 from itjax.models import decoding
 from itjax.partitioning import Partitioner
 from itjax.trainer import Trainer
-import itjax.train  # noqa: F401  (registers the gin configurables)
+import itjax.training  # noqa: F401  (registers the gin configurables)
 
 
 def read_examples(path: str) -> list[dict]:

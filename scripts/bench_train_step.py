@@ -23,7 +23,7 @@ from itjax import config as config_lib
 from itjax import optimizers
 from itjax.partitioning import Partitioner
 from itjax.trainer import Trainer
-import itjax.train  # noqa: F401  (registers gin configurables)
+import itjax.training  # noqa: F401  (registers gin configurables)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from itjax import config as config_lib
 from itjax.data import pipeline
 from itjax.partitioning import Partitioner
 from itjax.trainer import Trainer
-import itjax.train  # noqa: F401  (registers the gin configurables)
+import itjax.training  # noqa: F401  (registers the gin configurables)
 
 LENGTHS = {"inputs": 128, "targets": 16}
 BATCH = 16

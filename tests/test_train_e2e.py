@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from itjax import train as train_lib
+from itjax import training
 
 SMALL = [
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}",
@@ -129,8 +130,8 @@ def test_nan_loss_stops_with_the_step():
     window = [{"loss": 1.0, "z_loss": 0.0, "accuracy": 0.0, "grad_norm": 1.0, "learning_rate": 1.0,
                "target_tokens": 1.0}] * 3
     window[1] = dict(window[1], loss=float("nan"))
-    with pytest.raises(train_lib.TrainingDiverged, match="loss became nan at step 12"):
-        train_lib._summarise(window, 1.0, step=13)
+    with pytest.raises(training.TrainingDiverged, match="loss became nan at step 12"):
+        training._summarise(window, 1.0, step=13)
 
 
 def _infer(model_dir, tmp_path, lines, *flags):
