@@ -67,21 +67,8 @@ class Checkpointer:
         return restored["state"], dict(restored["dataset"] or {})
 
     def _check_compatible(self, step: int, abstract_state: Any) -> None:
-        metadata = self._manager.item_metadata(step)["state"]
-        saved = {_path_str(p): tuple(getattr(m, "shape", ())) for p, m in _flatten(metadata)}
-        wanted = {_path_str(p): tuple(np.shape(x)) for p, x in _flatten(abstract_state)}
-        missing = sorted(set(wanted) - set(saved))
-        unexpected = sorted(set(saved) - set(wanted))
-        reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-        if not (missing or unexpected or reshaped):
-            return
-        lines = [f"checkpoint {self.directory}/{step} does not match the configured model:"]
-        lines += [f"  {k}: checkpoint shape {saved[k]} != model shape {wanted[k]}" for k in reshaped[:20]]
-        lines += [f"  {k}: in the model, not in the checkpoint" for k in missing[:20]]
-        lines += [f"  {k}: in the checkpoint, not in the model" for k in unexpected[:20]]
-        lines.append("Use a new MODEL_DIR for a different model, or the gin model file the checkpoint was made "
-                     "with (saved as MODEL_DIR/config.gin).")
-        raise CheckpointMismatchError("\n".join(lines))
+        check_compatible(self._manager.item_metadata(step)["state"], abstract_state,
+                         f"checkpoint {self.directory}/{step}")
 
     def wait(self) -> None:
         """Blocks until pending async writes are on disk."""
@@ -90,6 +77,40 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def check_compatible(saved_metadata: Any, abstract: Any, where: str) -> None:
+    """Raises CheckpointMismatchError listing parameters whose names or shapes differ between a checkpoint's
+    metadata tree and the configured (abstract) tree."""
+    saved = {_path_str(p): tuple(getattr(m, "shape", ())) for p, m in _flatten(saved_metadata)}
+    wanted = {_path_str(p): tuple(np.shape(x)) for p, x in _flatten(abstract)}
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if not (missing or unexpected or reshaped):
+        return
+    lines = [f"{where} does not match the configured model:"]
+    lines += [f"  {k}: checkpoint shape {saved[k]} != model shape {wanted[k]}" for k in reshaped[:20]]
+    lines += [f"  {k}: in the model, not in the checkpoint" for k in missing[:20]]
+    lines += [f"  {k}: in the checkpoint, not in the model" for k in unexpected[:20]]
+    lines.append("Use a new MODEL_DIR for a different model, or the gin model file the checkpoint was made "
+                 "with (saved as MODEL_DIR/config.gin, or OUT/model.gin for a converted checkpoint).")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def restore_initial_params(path: str, abstract_params: Any) -> Any:
+    """Restores a params-only checkpoint (the `itjax.convert` output folder, or its `checkpoint/` subfolder)
+    into the shapes, dtypes and shardings of `abstract_params` (ShapeDtypeStruct leaves)."""
+    if os.path.isdir(os.path.join(path, "checkpoint")):
+        path = os.path.join(path, "checkpoint")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"initial checkpoint {path} does not exist; pass the output folder of "
+                                "`python -m itjax.convert` (it holds checkpoint/ and model.gin).")
+    path = os.path.abspath(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path)
+        check_compatible(getattr(metadata, "item_metadata", metadata), abstract_params, f"initial checkpoint {path}")
+        return checkpointer.restore(path, abstract_params)
 
 
 def _flatten(tree):

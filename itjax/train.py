@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         search_paths = [p for p in args.gin_search_paths.split(",") if p]
         config_lib.parse_gin(args.gin_file, bindings, search_paths, config_lib.REQUIRED_TRAIN_MACROS)
         training.train(progress=not args.no_progress)
-    except (config_lib.ConfigError, CheckpointMismatchError, training.TrainingDiverged) as e:
+    except (config_lib.ConfigError, CheckpointMismatchError, FileNotFoundError, training.TrainingDiverged) as e:
         # gin appends "In call to configurable ..." lines; the message itself already names what to fix.
         message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
         print(f"error: {message}", file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 
 from itjax import config as config_lib
 from itjax import optimizers  # noqa: F401  (registers gin configurables)
-from itjax.checkpoints import Checkpointer
+from itjax.checkpoints import Checkpointer, restore_initial_params
 from itjax.data import pipeline
 from itjax.evaluation import Evaluation, MetricsWriter, format_table
 from itjax.models import encoder_decoder  # noqa: F401  (registers gin configurables)
@@ -62,7 +62,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           num_microbatches: int = 1, pack: bool = True, random_seed: int = 0, checkpoint_period: int = 1000,
           keep_checkpoints: int | None = 3, async_checkpointing: bool = True, eval_period: int = 1000,
           eval_split: str = "validation", eval_batch_size: int | None = None, eval_num_examples: int | None = None,
-          max_decode_length: int | None = None, log_period: int = 20, progress: bool = True) -> dict:
+          max_decode_length: int | None = None, log_period: int = 20, initial_checkpoint_path: str | None = None,
+          progress: bool = True) -> dict:
     """Trains, checkpoints and evaluates; returns the last evaluation's {task: metrics}.
 
     Args:
@@ -82,6 +83,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       eval_period: evaluate every this many steps (and always at the end); 0 = only at the end.
       eval_split / eval_batch_size / eval_num_examples / max_decode_length: evaluation settings.
       log_period: steps between train-metric lines (also how often the loss is checked for NaN).
+      initial_checkpoint_path: start from these weights (an `itjax.convert` output folder) instead of a random
+        initialisation; ignored when MODEL_DIR already has a checkpoint (the run resumes from that).
     """
     partitioner = partitioner or Partitioner()
     task = pipeline.get_mixture_or_task(mixture_or_task_name)
@@ -104,6 +107,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     if latest is None:
         state = trainer.init_state()
         start_step = 0
+        if initial_checkpoint_path:
+            state["params"] = restore_initial_params(initial_checkpoint_path, trainer.abstract_state["params"])
+            log.info("Initial weights from %s.", initial_checkpoint_path)
     else:
         state, position = checkpointer.restore(latest, trainer.abstract_state)
         start_step = int(state["step"])

@@ -165,3 +165,32 @@ def test_infer_generates_and_scores(resumed_run, tmp_path):
     own = _infer(model_dir, tmp_path, [{"inputs": lines[0]["inputs"], "target_ids": [first]},
                                        {"inputs": lines[0]["inputs"], "target_ids": [other]}], "--mode=score")
     assert own[0]["log_likelihood"] > own[1]["log_likelihood"]
+
+
+def test_initial_checkpoint_path_starts_from_given_weights(resumed_run, tmp_path, capsys):
+    """Weights saved params-only (as itjax.convert writes them) seed a new run; a bad path is reported."""
+    import orbax.checkpoint as ocp
+    from itjax import inference
+    from itjax.convert import save_params
+
+    model_dir, _ = resumed_run
+    gin.clear_config()
+    from itjax import config as config_lib
+    config_lib.parse_gin(["quickstart.gin"], [])
+    model = gin.query_parameter("train.model").scoped_configurable_fn()
+    optimizer = gin.query_parameter("train.optimizer").scoped_configurable_fn()
+    trainer = train_lib.training.Trainer(model, optimizer, train_lib.training.Partitioner())
+    source = jax.device_get(inference.restore_params(trainer, model_dir))
+    save_params(source, str(tmp_path / "converted"))
+
+    new_dir = tmp_path / "finetune"
+    # TRAIN_STEPS=0: nothing is trained, the final checkpoint holds the initial weights as loaded.
+    assert _run(str(new_dir), 0, f"--gin.train.initial_checkpoint_path='{tmp_path / 'converted'}'") == 0
+    gin.clear_config()
+    config_lib.parse_gin(["quickstart.gin"], [])
+    loaded = jax.device_get(inference.restore_params(trainer, str(new_dir)))
+    for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(a, b)
+
+    assert _run(str(tmp_path / "other"), 1, "--gin.train.initial_checkpoint_path='/no/such/dir'") == 2
+    assert "initial checkpoint /no/such/dir does not exist" in capsys.readouterr().err
