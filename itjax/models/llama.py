@@ -1,0 +1,532 @@
+"""Llama-family decoder-only transformer in Flax NNX: Llama 2 / 3.x, Mistral and Qwen2.
+
+Architecture (as HF `LlamaForCausalLM`): token embedding, pre-norm residual blocks
+`x + attn(norm(x))`, `x + mlp(norm(x))` with RMSNorm (weight, no bias), grouped-query causal self-attention with
+rotary position embeddings (HF's `rotate_half` convention: the first and second halves of each head form the
+rotated pairs; optional Llama 3 frequency scaling), a SwiGLU MLP `down(silu(gate(x)) * up(x))`, a final RMSNorm
+and an output layer `lm_head` (or the transposed token embedding when `tie_word_embeddings`). Qwen2 adds biases to
+the q / k / v projections (`attention_bias=True`); no other layer has a bias.
+
+Parameter tree (paths of `nnx.state(model)`; kernels `[in, out]`, attention in T5X einsum layout) and the HF
+tensor each one comes from (`W` a torch Linear weight [out, in], `D` = head_dim, `H` = heads, `K` = kv heads):
+
+    embed_tokens.embedding                          [vocab, embed]       ('vocab', 'embed')   model.embed_tokens.weight
+    layers[i].input_layernorm.scale                 [embed]              ('embed',)           ...input_layernorm.weight
+    layers[i].self_attn.q_proj.kernel               [embed, H, D]        ('embed', 'heads', 'kv')   W.T.reshape
+    layers[i].self_attn.{k_proj,v_proj}.kernel      [embed, K, D]        ('embed', 'heads', 'kv')   W.T.reshape
+    layers[i].self_attn.{q,k,v}_proj.bias           [H or K, D]          ('heads', 'kv')      bias.reshape (Qwen2)
+    layers[i].self_attn.o_proj.kernel               [H, D, embed]        ('heads', 'kv', 'embed')   W.T.reshape
+    layers[i].post_attention_layernorm.scale        [embed]              ('embed',)
+    layers[i].mlp.{gate_proj,up_proj}.kernel        [embed, mlp]         ('embed', 'mlp')     W.T
+    layers[i].mlp.down_proj.kernel                  [mlp, embed]         ('mlp', 'embed')     W.T
+    norm.scale                                      [embed]              ('embed',)           model.norm.weight
+    lm_head.kernel                                  [embed, vocab]       ('embed', 'vocab')   lm_head.weight.T
+
+(HF names are prefixed `model.layers.{i}.` except `lm_head.weight`; `lm_head` is absent when tied.) The kv-head dimension of k / v uses the
+logical name 'heads' as the query heads do, so tensor-parallel rules shard both the same way.
+
+Masks: attention is causal; with packing (`segment_ids` 1, 2, ..., 0 = padding) it stays within a segment and
+`positions` restart per segment. Masked pairs get a finite additive bias (`t5.MASK_BIAS`) on float32 logits.
+
+Incremental decoding uses a functional `DecodeCache` (keys / values [batch, max_length, kv_heads, head_dim] per
+layer, a per-slot validity mask and a per-row write index), so prompts may be left- or right-padded: `prefill`
+writes a whole prompt, `decode_step` one token per row; both are pure and run inside `jax.lax.while_loop`.
+
+Randomness: `dropout_rng=None` is deterministic; otherwise dropout (rate `dropout_rate`, on each residual branch)
+keys are derived with `jax.random.split`. HF Llama has no residual dropout, so use 0.0 for parity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from itjax.models.layers import HIDDEN_AXES, Dense, Embed, RMSNorm, dropout, split_rng
+from itjax.models.t5 import MASK_BIAS
+from itjax.partitioning import with_logical_constraint
+
+DTYPES = ("float32", "bfloat16")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+HEAD_AXES = ("batch", "length", "heads", "kv")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-family hyperparameters (HF names where they exist; `num_layers` = HF `num_hidden_layers`).
+
+    head_dim: per-head width; None means hidden_size // num_heads.
+    rope_scaling: None, or HF's llama3 dict {'rope_type': 'llama3', 'factor', 'low_freq_factor',
+        'high_freq_factor', 'original_max_position_embeddings'}.
+    attention_bias: q / k / v projection biases (Qwen2); the output projection never has one.
+    dtype: activation dtype ('float32' or 'bfloat16'); parameters stay float32, norms, RoPE, softmax and the
+        final logits are computed in float32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"LlamaConfig.dtype={self.dtype!r}; expected one of {DTYPES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"LlamaConfig: num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            if self.rope_scaling.get("rope_type") != "llama3" or any(k not in self.rope_scaling
+                                                                     for k in LLAMA3_ROPE_KEYS):
+                raise ValueError(f"LlamaConfig.rope_scaling={dict(self.rope_scaling)!r}: only None or a 'llama3' dict "
+                                 f"with keys {LLAMA3_ROPE_KEYS} is supported")
+            # A hashable, immutable copy keeps the frozen dataclass usable as a jit static argument.
+            object.__setattr__(self, "rope_scaling", _FrozenDict(self.rope_scaling))
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+gin.external_configurable(LlamaConfig, module="itjax.models")
+
+
+class _FrozenDict(dict):
+    """A read-only, hashable dict for `LlamaConfig.rope_scaling`."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("LlamaConfig.rope_scaling is read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Per-pair rotation frequencies [head_dim // 2] float32 (HF `rope_init_fn`, incl. llama3 scaling)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    if config.rope_scaling is None:
+        return inv_freq.astype(np.float32)
+    s = config.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates x [batch, length, heads, head_dim] by positions [batch, length] (HF rotate_half layout)."""
+    angles = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)  # [batch, length, head_dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kernel_init() -> jax.nn.initializers.Initializer:
+    """HF's Llama initialisation: normal(0, initializer_range=0.02)."""
+    return jax.nn.initializers.normal(stddev=0.02)
+
+
+class Projection(Dense):
+    """`Dense` with an optional bias over the output dims (`bias` [*out_dims], axes = the kernel's output axes)."""
+
+    def __init__(
+        self,
+        in_features: int | tuple[int, ...],
+        out_features: int | tuple[int, ...],
+        *,
+        kernel_axes: tuple[str, ...],
+        use_bias: bool,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+    ):
+        super().__init__(in_features, out_features, kernel_axes=kernel_axes, kernel_init=_kernel_init(),
+                         rngs=rngs, dtype=dtype)
+        if use_bias:
+            out_shape = self.kernel.shape[self.num_in_dims:]
+            self.bias = nnx.Param(jnp.zeros(out_shape, jnp.float32),
+                                  out_sharding=tuple(kernel_axes[self.num_in_dims:]))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., *in_dims] -> [..., *out_dims] in `dtype`."""
+        y = super().__call__(x)
+        return y + self.bias[...].astype(self.dtype) if hasattr(self, "bias") else y
+
+
+class DecodeCache(NamedTuple):
+    """Functional state of incremental decoding (a pytree: thread it through `jax.lax` loops).
+
+    keys, values: one per layer, [batch, max_length, kv_heads, head_dim] (rotary already applied to keys).
+    valid: [batch, max_length] bool, True at slots holding a real (non-padding) token.
+    index: [batch] int32, the slot the next token of each row is written to.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+
+class LlamaAttention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings; logits scaled by head_dim ** -0.5."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        dtype = config.activation_dtype
+
+        def proj(n_in, n_out, axes, use_bias):
+            return Projection(n_in, n_out, kernel_axes=axes, use_bias=use_bias, rngs=rngs, dtype=dtype)
+
+        self.q_proj = proj(e, (h, d), ("embed", "heads", "kv"), config.attention_bias)
+        self.k_proj = proj(e, (k, d), ("embed", "heads", "kv"), config.attention_bias)
+        self.v_proj = proj(e, (k, d), ("embed", "heads", "kv"), config.attention_bias)
+        self.o_proj = proj((h, d), e, ("heads", "kv", "embed"), False)
+        self.config = config
+        self.num_groups = h // k
+        self.dtype = dtype
+
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [batch, l, embed], positions [batch, l] -> rotated queries [batch, l, heads, head_dim] and rotated
+        keys / values [batch, l, kv_heads, head_dim]."""
+        inv_freq = rope_inverse_frequencies(self.config)
+        queries = apply_rope(with_logical_constraint(self.q_proj(x), HEAD_AXES), positions, inv_freq)
+        keys = apply_rope(with_logical_constraint(self.k_proj(x), HEAD_AXES), positions, inv_freq)
+        values = with_logical_constraint(self.v_proj(x), HEAD_AXES)
+        return queries, keys, values
+
+    def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+        """queries [batch, q, heads, D], keys / values [batch, k, kv_heads, D], mask bool broadcastable to
+        [batch, 1, 1, q, k] -> [batch, q, embed]."""
+        b, q, h, d = queries.shape
+        grouped = queries.reshape(b, q, h // self.num_groups, self.num_groups, d)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", grouped, keys, preferred_element_type=jnp.float32)
+        logits = logits * d**-0.5 + jnp.where(mask, 0.0, MASK_BIAS)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, values).reshape(b, q, h, d)
+        return self.o_proj(with_logical_constraint(out, HEAD_AXES))
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU feed-forward: `down_proj(silu(gate_proj(x)) * up_proj(x))`, no biases."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        e, m, dtype = config.hidden_size, config.intermediate_size, config.activation_dtype
+        self.gate_proj = Projection(e, m, kernel_axes=("embed", "mlp"), use_bias=False, rngs=rngs, dtype=dtype)
+        self.up_proj = Projection(e, m, kernel_axes=("embed", "mlp"), use_bias=False, rngs=rngs, dtype=dtype)
+        self.down_proj = Projection(m, e, kernel_axes=("mlp", "embed"), use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[batch, length, embed] -> [batch, length, embed]."""
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(with_logical_constraint(h, ("batch", "length", "mlp")))
+
+
+def _norm(config: LlamaConfig) -> RMSNorm:
+    return RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.activation_dtype)
+
+
+class LlamaLayer(nnx.Module):
+    """Pre-norm block: `x + dropout(attn(input_layernorm(x)))`, then `x + dropout(mlp(post_attention_layernorm(x)))`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = _norm(config)
+        self.self_attn = LlamaAttention(config, rngs=rngs)
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = LlamaMLP(config, rngs=rngs)
+        self.dropout_rate = config.dropout_rate
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [batch, l, embed], positions [batch, l], mask bool broadcastable to [batch, 1, 1, l, k].
+
+        Without a cache, attention runs over x's own keys (k = l). With `cache` (keys, values) [batch, max_len,
+        kv_heads, D], x's keys / values are written at slots `cache_index + arange(l)` per row (cache_index
+        [batch]) and attention runs over the whole cache (k = max_len). Returns (y [batch, l, embed], the keys /
+        values attended to).
+        """
+        attention_rng, mlp_rng = split_rng(dropout_rng, 2)
+        queries, keys, values = self.self_attn.project(self.input_layernorm(x), positions)
+        if cache is not None:
+            keys = _write_rows(cache[0], keys, cache_index)
+            values = _write_rows(cache[1], values, cache_index)
+        h = self.self_attn.attend(queries, keys, values, mask)
+        x = with_logical_constraint(x + dropout(h, self.dropout_rate, attention_rng), HIDDEN_AXES)
+        h = self.mlp(self.post_attention_layernorm(x))
+        x = with_logical_constraint(x + dropout(h, self.dropout_rate, mlp_rng), HIDDEN_AXES)
+        return x, (keys, values)
+
+
+def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes update [batch, l, ...] into buffer [batch, max_len, ...] at per-row slots start[b] + arange(l)."""
+    return jax.vmap(lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0))(
+        buffer, update.astype(buffer.dtype), start)
+
+
+def causal_segment_mask(segment_ids: jax.Array | None, length: int) -> jax.Array:
+    """Causal mask, restricted to equal segment ids when given. [batch or 1, 1, 1, length, length] bool."""
+    idx = jnp.arange(length)
+    mask = (idx[:, None] >= idx[None, :])[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask[:, None, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Llama(nnx.Module):
+    """Llama-family causal language model. See the module docstring for the parameter tree and conventions."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs, embedding_init=_kernel_init(),
+                                  dtype=config.activation_dtype)
+        self.layers = nnx.List([LlamaLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = _norm(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = Dense(config.hidden_size, config.vocab_size, kernel_axes=("embed", "vocab"),
+                                 kernel_init=_kernel_init(), rngs=rngs, dtype=jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Teacher-forced causal pass: int tokens [batch, length] -> logits [batch, length, vocab] float32.
+
+        positions: [batch, length] rotary positions; default arange (packed rows restart them per segment).
+        segment_ids: [batch, length] packing ids (attention only within a segment; 0 = padding); None = one
+            sequence per row (right padding then needs no mask: real positions never attend to later pads).
+        """
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        mask = causal_segment_mask(segment_ids, length)
+        rngs = split_rng(dropout_rng, len(self.layers))
+        x = with_logical_constraint(self.embed_tokens(tokens), HIDDEN_AXES)
+        for layer, rng in zip(self.layers, rngs):
+            x, _ = layer(x, positions, mask, dropout_rng=rng)
+        return self._logits(self.norm(x))
+
+    def init_decode_cache(self, batch: int, max_length: int) -> DecodeCache:
+        """An empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""
+        c = self.config
+        empty = jnp.zeros((batch, max_length, c.num_kv_heads, c.head_dim), c.activation_dtype)
+        return DecodeCache(
+            keys=(empty,) * c.num_layers,
+            values=(empty,) * c.num_layers,
+            valid=jnp.zeros((batch, max_length), jnp.bool_),
+            index=jnp.zeros((batch,), jnp.int32),
+        )
+
+    def prefill(
+        self, tokens: jax.Array, token_mask: jax.Array, cache: DecodeCache
+    ) -> tuple[jax.Array, jax.Array, DecodeCache]:
+        """Runs a padded prompt batch through the model and writes it into an empty cache.
+
+        tokens: int [batch, l]; token_mask: bool [batch, l], True at real prompt tokens (left, right or no
+        padding; each row's real tokens contiguous). Real tokens get positions 0, 1, ... in order.
+        Returns (logits [batch, vocab] float32 after each row's last real token, the next position [batch] int32
+        (= prompt length), the cache with its write index just after each row's last real token).
+        """
+        batch, length = tokens.shape
+        positions = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+        slots = jnp.arange(length, dtype=jnp.int32)
+        end = jnp.max(jnp.where(token_mask, slots + 1, 0), axis=1)  # one past the last real token, from start
+        valid = _write_rows(cache.valid, token_mask, cache.index)
+        hidden, cache = self._run_cached(tokens, positions, cache._replace(valid=valid), start=cache.index,
+                                         query_slots=cache.index[:, None] + slots)
+        last = jnp.take_along_axis(hidden, jnp.maximum(end - 1, 0)[:, None, None], axis=1)[:, 0]
+        logits = self._logits(self.norm(last[:, None]))[:, 0]
+        return logits, jnp.sum(token_mask, axis=1, dtype=jnp.int32), cache._replace(index=cache.index + end)
+
+    def decode_step(
+        self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache
+    ) -> tuple[jax.Array, DecodeCache]:
+        """One deterministic step: tokens [batch] at rotary positions [batch] are written at `cache.index`.
+
+        Returns logits [batch, vocab] float32 for the next token and the cache advanced by one slot.
+        """
+        valid = _write_rows(cache.valid, jnp.ones((tokens.shape[0], 1), jnp.bool_), cache.index)
+        hidden, cache = self._run_cached(tokens[:, None], positions[:, None], cache._replace(valid=valid),
+                                         start=cache.index, query_slots=cache.index[:, None])
+        return self._logits(self.norm(hidden))[:, 0], cache._replace(index=cache.index + 1)
+
+    def _run_cached(
+        self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache, *, start: jax.Array,
+        query_slots: jax.Array,
+    ) -> tuple[jax.Array, DecodeCache]:
+        """Layers over tokens [batch, l] written at slots start + arange(l); queries at query_slots [batch, l]
+        attend to valid cache slots at or before their own. Returns un-normed hidden [batch, l, embed]."""
+        key_slots = jnp.arange(cache.valid.shape[1])
+        mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & cache.valid[:, None, :]
+        mask = mask[:, None, None]  # [batch, 1, 1, l, max_len]
+        x = self.embed_tokens(tokens)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            x, (keys, values) = layer(x, positions, mask, cache=(cache.keys[i], cache.values[i]), cache_index=start)
+            new_keys.append(keys)
+            new_values.append(values)
+        return x, cache._replace(keys=tuple(new_keys), values=tuple(new_values))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Normed hidden states [batch, length, embed] -> logits [batch, length, vocab] float32."""
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF interop
+# ----------------------------------------------------------------------------------------------------------------
+
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def llama_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32") -> LlamaConfig:
+    """LlamaConfig from a HF config dict (`config.json` / `PretrainedConfig.to_dict()`, transformers 4.x or 5.x).
+
+    Reads RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (4.x). Qwen2
+    always has q / k / v biases. Mistral's `sliding_window` is not implemented: results are exact for sequences no
+    longer than the window (every sequence for Mistral v0.2+, whose window is null).
+    """
+    model_type = hf_config.get("model_type", "llama")
+    if model_type not in SUPPORTED_HF_MODEL_TYPES:
+        raise ValueError(f"llama_config_from_hf: model_type {model_type!r} is not supported; expected one of "
+                         f"{SUPPORTED_HF_MODEL_TYPES}")
+    if hf_config.get("hidden_act", "silu") != "silu" or hf_config.get("mlp_bias", False):
+        raise ValueError("llama_config_from_hf: only a bias-free SiLU-gated MLP is supported (hidden_act='silu', "
+                         f"mlp_bias=False); got hidden_act={hf_config.get('hidden_act')!r}, "
+                         f"mlp_bias={hf_config.get('mlp_bias')!r}")
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"llama_config_from_hf: rope_type {rope_type!r} is not supported (only 'default' and "
+                         "'llama3')")
+    heads = hf_config["num_attention_heads"]
+    return LlamaConfig(
+        vocab_size=hf_config["vocab_size"],
+        hidden_size=hf_config["hidden_size"],
+        intermediate_size=hf_config["intermediate_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling={k: rope[k] for k in ("rope_type", *LLAMA3_ROPE_KEYS)} if rope_type == "llama3" else None,
+        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2" or bool(hf_config.get("attention_bias", False)),
+        dropout_rate=0.0,
+        dtype=dtype,
+    )
+
+
+def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: LlamaConfig) -> dict:
+    """Converts a HF Llama / Mistral / Qwen2 state dict (name -> numpy array) into itjax's parameter tree.
+
+    Returns a pure nested dict `{'embed_tokens': {'embedding': ...}, 'layers': {0: {...}}, ...}` matching
+    `nnx.state(Llama(config), nnx.Param).to_pure_dict()`; apply it with `nnx.update(model, params)` or
+    `nnx.replace_by_pure_dict(state, params)`. Missing tensors or wrong shapes raise a ValueError naming them.
+    """
+    c = config
+    h, k, d, e = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+    used = set()
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in state_dict:
+            raise ValueError(f"params_from_hf_state_dict: missing tensor {name!r}")
+        x = np.asarray(state_dict[name], np.float32)
+        if x.shape != shape:
+            raise ValueError(f"params_from_hf_state_dict: {name!r} has shape {x.shape}, expected {shape}")
+        used.add(name)
+        return x
+
+    def attention(prefix: str) -> dict:
+        out = {}
+        for name, n in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
+            out[name] = {"kernel": get(f"{prefix}.{name}.weight", (n * d, e)).T.reshape(e, n, d)}
+            if c.attention_bias:
+                out[name]["bias"] = get(f"{prefix}.{name}.bias", (n * d,)).reshape(n, d)
+        out["o_proj"] = {"kernel": get(f"{prefix}.o_proj.weight", (e, h * d)).T.reshape(h, d, e)}
+        return out
+
+    def layer(i: int) -> dict:
+        p = f"model.layers.{i}"
+        m = c.intermediate_size
+        return {
+            "input_layernorm": {"scale": get(f"{p}.input_layernorm.weight", (e,))},
+            "self_attn": attention(f"{p}.self_attn"),
+            "post_attention_layernorm": {"scale": get(f"{p}.post_attention_layernorm.weight", (e,))},
+            "mlp": {
+                "gate_proj": {"kernel": get(f"{p}.mlp.gate_proj.weight", (m, e)).T},
+                "up_proj": {"kernel": get(f"{p}.mlp.up_proj.weight", (m, e)).T},
+                "down_proj": {"kernel": get(f"{p}.mlp.down_proj.weight", (e, m)).T},
+            },
+        }
+
+    params = {
+        "embed_tokens": {"embedding": get("model.embed_tokens.weight", (c.vocab_size, e))},
+        "layers": {i: layer(i) for i in range(c.num_layers)},
+        "norm": {"scale": get("model.norm.weight", (e,))},
+    }
+    if not c.tie_word_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight", (c.vocab_size, e)).T}
+    unused = sorted(n for n in state_dict if n not in used and n != "lm_head.weight"
+                    and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"params_from_hf_state_dict: unexpected tensors {unused} (a different architecture?)")
+    return params
