@@ -34,7 +34,8 @@ class TrainingDiverged(RuntimeError):
 def _check_model_dir(model_dir: str) -> None:
     try:
         os.makedirs(model_dir, exist_ok=True)
-        probe = os.path.join(model_dir, ".write_test")
+        # One probe file per process: hosts of a multi-process run share MODEL_DIR.
+        probe = os.path.join(model_dir, f".write_test.{os.getpid()}.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
