@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding (repeatable)")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated folders for gin files")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (e.g. in log files)")
+    parser.add_argument("--dry_run", action="store_true", help="build the model abstractly, lay out its shardings, "
+                        "compile the train step and print parameter / memory figures; allocates and writes nothing")
     parser.add_argument("--coordinator_address", default=None,
                         help="multi-process runs: host:port of process 0 (jax.distributed); on TPU pods and SLURM "
                              "clusters jax finds it itself, pass --multiprocess instead")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         search_paths = [p for p in args.gin_search_paths.split(",") if p]
         config_lib.parse_gin(args.gin_file, bindings, search_paths, config_lib.REQUIRED_TRAIN_MACROS)
-        training.train(progress=not args.no_progress)
+        training.train(progress=not args.no_progress, dry_run=args.dry_run)
     except (config_lib.ConfigError, CheckpointMismatchError, FileNotFoundError, training.TrainingDiverged) as e:
         # gin appends "In call to configurable ..." lines; the message itself already names what to fix.
         message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)

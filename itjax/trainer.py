@@ -84,14 +84,24 @@ class Trainer:
     def _batch_shardings(self, batch: Mapping[str, Any]):
         return {k: self.partitioner.batch_sharding(np.ndim(v)) for k, v in batch.items()}
 
-    def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-        """One optimizer update on a global batch. Returns (new state, scalar metrics)."""
+    def _jitted_train_step(self, batch: Mapping[str, Any]):
         if self._train_step is None:
             self._train_step = jax.jit(
                 self._train_step_impl, in_shardings=(self.state_shardings, self._batch_shardings(batch)),
                 out_shardings=(self.state_shardings, self.partitioner.replicated), donate_argnums=(0,))
+        return self._train_step
+
+    def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+        """One optimizer update on a global batch. Returns (new state, scalar metrics)."""
+        step = self._jitted_train_step(batch)
         with self.partitioner.axis_rules():
-            return self._train_step(state, batch)
+            return step(state, batch)
+
+    def compile_train_step(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]):
+        """Lowers and compiles the train step for abstract shapes only (no weights allocated): the dry run."""
+        step = self._jitted_train_step(abstract_batch)
+        with self.partitioner.axis_rules():
+            return step.lower(self.abstract_state, abstract_batch).compile()
 
     def _train_step_impl(self, state: TrainState, batch: Mapping[str, jax.Array]):
         weights, divisor = losses.normalized_weights_and_factor(

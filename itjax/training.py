@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from itjax import config as config_lib
+from itjax import dry_run as dry_run_lib
 from itjax import optimizers  # noqa: F401  (registers gin configurables)
 from itjax.checkpoints import Checkpointer, restore_initial_params
 from itjax.data import pipeline
@@ -55,7 +56,7 @@ def _check_vocabulary(task, model) -> None:
                 "gin file (T5 rounds it up to a multiple of 128).")
 
 
-@gin.configurable(denylist=["progress"])
+@gin.configurable(denylist=["progress", "dry_run"])
 def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, model=gin.REQUIRED, optimizer=gin.REQUIRED,
@@ -64,7 +65,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           keep_checkpoints: int | None = 3, async_checkpointing: bool = True, eval_period: int = 1000,
           eval_split: str = "validation", eval_batch_size: int | None = None, eval_num_examples: int | None = None,
           max_decode_length: int | None = None, log_period: int = 20, initial_checkpoint_path: str | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, dry_run: bool = False) -> dict:
     """Trains, checkpoints and evaluates; returns the last evaluation's {task: metrics}.
 
     Args:
@@ -96,13 +97,16 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
             f"BATCH_SIZE={batch_size} must be a multiple of (batch-sharded devices {partitioner.batch_divisor}) x "
             f"(num_microbatches {num_microbatches}) = {divisor}.")
     _check_vocabulary(task, model)
-    _check_model_dir(model_dir)
     log.info("Mesh %s, %d devices, %d process(es).", dict(partitioner.mesh.shape), jax.device_count(),
              jax.process_count())
-
     trainer = Trainer(model, optimizer, partitioner, learning_rate_fn=learning_rate_fn,
                       num_microbatches=num_microbatches, seed=random_seed)
     log.info("Model: %s parameters.", f"{trainer.num_params:,}")
+    if dry_run:
+        figures = dry_run_lib.report(trainer, task_feature_lengths, batch_size, pack)
+        print(dry_run_lib.format_report(figures), flush=True)
+        return figures
+    _check_model_dir(model_dir)
     checkpointer = Checkpointer(model_dir, checkpoint_period, keep_checkpoints, async_checkpointing)
     latest = checkpointer.latest_step()
     if latest is None:

@@ -87,3 +87,20 @@ def test_microbatches_give_the_full_batch_update(batches, single_device):
     # Losses at steps 2 and 3 depend on the accumulated updates of the steps before.
     losses, _ = _losses(None, jax.devices()[:1], batches[:3], num_microbatches=4)
     np.testing.assert_allclose(losses, reference[:3], atol=1e-5, rtol=0)
+
+
+def test_dry_run_lays_out_and_compiles_a_real_size_without_allocating(tmp_path, capsys):
+    from itjax import train as train_lib
+    gin.clear_config()
+    model_dir = tmp_path / "never_created"
+    code = train_lib.main(["--gin_file=quickstart.gin", "--gin_file=partitioning/fsdp.gin",
+                           "--gin_file=models/t5_1_1_small.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 32}",
+                           "--gin.BATCH_SIZE=8", f"--gin.MODEL_DIR={model_dir}", "--dry_run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "parameters: 76,961,152" in out and "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+    # fp32 parameters split 8 ways over fsdp (only the tiny relative-position tables are replicated).
+    per_device = float(out.split("param_bytes_per_device: ")[1].split(" GiB")[0]) * 2**30
+    assert per_device == pytest.approx(76_961_152 * 4 / 8, rel=0.01)
+    assert "compiled_temp_bytes" in out
+    assert not model_dir.exists()
