@@ -8,7 +8,6 @@ Saving is asynchronous (training continues while the files are written); the las
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 

@@ -17,7 +17,6 @@ import time
 import gin
 import jax
 import numpy as np
-import optax
 
 from itjax import config as config_lib
 from itjax import optimizers

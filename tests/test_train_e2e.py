@@ -169,7 +169,6 @@ def test_infer_generates_and_scores(resumed_run, tmp_path):
 
 def test_initial_checkpoint_path_starts_from_given_weights(resumed_run, tmp_path, capsys):
     """Weights saved params-only (as itjax.convert writes them) seed a new run; a bad path is reported."""
-    import orbax.checkpoint as ocp
     from itjax import inference
     from itjax.convert import save_params
 
