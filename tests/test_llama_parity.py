@@ -218,8 +218,7 @@ def test_gin_sizes_match_hf_parameter_counts(name, expected):
 
 def test_sharded_2d_mesh_matches_single_device(pair):
     """Params laid out by the 2D rules on a (data 2, fsdp 2, tensor 2) mesh of fake CPU devices: same logits."""
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    assert jax.device_count() >= 8, "tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8"
     _, model = pair
     partitioner = Partitioner(data=2, fsdp=2, tensor=2, logical_axis_rules=STANDARD_2D_RULES,
                               devices=jax.devices()[:8])
