@@ -17,17 +17,14 @@ import argparse
 import functools
 import json
 import sys
-from typing import Iterator, Sequence
 
 import gin
 import jax
-import numpy as np
 
 from itjax import config as config_lib
 from itjax import inference
 from itjax.checkpoints import CheckpointMismatchError
 from itjax.data import pipeline
-from itjax.models import decoding
 from itjax.partitioning import Partitioner
 from itjax.trainer import Trainer
 import itjax.training  # noqa: F401  (registers the gin configurables)
@@ -48,75 +45,6 @@ def read_examples(path: str) -> list[dict]:
                 raise config_lib.ConfigError(f"{path}:{number}: needs an 'inputs' (text) or 'input_ids' field.")
             examples.append(example)
     return examples
-
-
-def _ids(example: dict, text_key: str, ids_key: str, vocabulary, length: int) -> list[int]:
-    """Token ids of one field, EOS appended (for text), truncated to `length`."""
-    if ids_key in example:
-        return list(example[ids_key])[:length]
-    return (list(vocabulary.encode(example[text_key])) + [vocabulary.eos_id])[:length]
-
-
-def _batches(examples: Sequence[dict], batch_size: int) -> Iterator[tuple[int, list[dict]]]:
-    for start in range(0, len(examples), batch_size):
-        yield start, list(examples[start:start + batch_size])
-
-
-def _pad(rows: list[list[int]], batch_size: int, length: int) -> np.ndarray:
-    out = np.zeros((batch_size, length), np.int32)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
-
-
-def generate(trainer: Trainer, params, examples: Sequence[dict], vocabulary, *, input_length: int,
-             max_decode_length: int, batch_size: int, decode: str, temperature: float, top_k: int, top_p: float,
-             num_beams: int, alpha: float, seed: int) -> list[dict]:
-    """Adds `prediction` and `prediction_ids` to each example."""
-    eos = vocabulary.eos_id
-
-    def decode_fn(module, tokens, rng):
-        if decode == "beam":
-            return decoding.beam_search(module, tokens, max_decode_length=max_decode_length, num_beams=num_beams,
-                                        alpha=alpha, eos_id=eos)[0]
-        return decoding.sample_decode(module, tokens, max_decode_length=max_decode_length, eos_id=eos,
-                                      temperature=temperature if decode == "sample" else 0.0, top_k=top_k,
-                                      top_p=top_p, rng=rng)
-
-    compiled = jax.jit(lambda p, tokens, rng: decode_fn(trainer.module(p), tokens, rng))
-    results = []
-    for start, chunk in _batches(examples, batch_size):
-        tokens = _pad([_ids(ex, "inputs", "input_ids", vocabulary, input_length) for ex in chunk], batch_size,
-                      input_length)
-        with trainer.partitioner.axis_rules():
-            out = np.asarray(compiled(params, tokens, jax.random.fold_in(jax.random.key(seed), start)))
-        for example, row in zip(chunk, out):
-            ids = row.tolist()
-            ids = ids[:ids.index(eos)] if eos in ids else ids
-            results.append({**example, "prediction": vocabulary.decode(ids), "prediction_ids": ids})
-    return results
-
-
-def score(trainer: Trainer, params, examples: Sequence[dict], vocabulary, *, input_length: int,
-          target_length: int, batch_size: int) -> list[dict]:
-    """Adds `log_likelihood` (nats) of the targets to each example."""
-    results = []
-    for _, chunk in _batches(examples, batch_size):
-        if any("targets" not in ex and "target_ids" not in ex for ex in chunk):
-            raise config_lib.ConfigError("--mode=score needs 'targets' (text) or 'target_ids' in every line.")
-        targets = [_ids(ex, "targets", "target_ids", vocabulary, target_length) for ex in chunk]
-        target_tokens = _pad(targets, batch_size, target_length)
-        batch = {
-            "encoder_input_tokens": _pad([_ids(ex, "inputs", "input_ids", vocabulary, input_length)
-                                          for ex in chunk], batch_size, input_length),
-            "decoder_target_tokens": target_tokens,
-            "decoder_input_tokens": np.pad(target_tokens[:, :-1], ((0, 0), (1, 0))),
-            "decoder_loss_weights": (target_tokens > 0).astype(np.int32),
-        }
-        batch = pipeline.to_global(batch, trainer.partitioner.batch_sharding, host_local=False)
-        scores = np.asarray(trainer.score(params, batch))
-        results.extend({**ex, "log_likelihood": float(s)} for ex, s in zip(chunk, scores))
-    return results
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -161,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         batch_size = -(-args.batch_size // partitioner.batch_divisor) * partitioner.batch_divisor
         if args.mode == "generate":
             run = functools.partial(
-                generate, max_decode_length=args.max_decode_length or lengths["targets"], decode=args.decode,
+                inference.generate_examples, max_decode_length=args.max_decode_length or lengths["targets"], decode=args.decode,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
                 alpha=args.alpha, seed=args.seed)
         else:
-            run = functools.partial(score, target_length=lengths["targets"])
+            run = functools.partial(inference.score_examples, target_length=lengths["targets"])
         results = run(trainer, params, examples, vocabulary, input_length=lengths["inputs"], batch_size=batch_size)
     except (config_lib.ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
