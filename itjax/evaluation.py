@@ -124,6 +124,15 @@ class Evaluation:
                 tokens.extend(np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))[:n])
             return list(zip(indices, [t.tolist() for t in tokens]))
 
+        def score_fn(ds: tf.data.Dataset):
+            # Target log-likelihoods (nats) for tasks with score metrics, e.g. rank classification.
+            indexed = list(ds.as_numpy_iterator())
+            scores = []
+            for n, batch in self._batches([ex for _, ex in indexed]):
+                out = trainer.score(params, to_global(batch, sharding, host_local=False))
+                scores.extend(np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))[:n])
+            return [(int(i), float(s)) for (i, _), s in zip(indexed, scores)]
+
         for name, examples in self._numpy_tasks.items():
             totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
             for _, batch in self._batches(examples):
@@ -132,7 +141,8 @@ class Evaluation:
                     totals[key] += float(terms[key])
             teacher_forced[name] = totals
 
-        metrics, _ = self.evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
+        metrics, _ = self.evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn,
+                                             score_fn=score_fn)
         per_task = metrics.result()
 
         results = {}
