@@ -14,21 +14,18 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+# jax exports only a printing version (jax.ad_checkpoint.print_saved_residuals); the list it prints comes from here.
+from jax._src.ad_checkpoint import saved_residuals
 
 from itjax.trainer import Trainer
 
 
-def abstract_batch(task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool,
+def abstract_batch(feature_converter, task_feature_lengths: Mapping[str, int], batch_size: int,
                    sharding_for_ndim) -> dict[str, jax.ShapeDtypeStruct]:
-    """The encoder-decoder model features (seqio EncDecFeatureConverter) as ShapeDtypeStructs [batch, length]."""
-    inputs, targets = task_feature_lengths["inputs"], task_feature_lengths["targets"]
-    shapes = {"encoder_input_tokens": inputs, "decoder_input_tokens": targets, "decoder_target_tokens": targets,
-              "decoder_loss_weights": targets}
-    if pack:
-        shapes.update({"encoder_segment_ids": inputs, "encoder_positions": inputs,
-                       "decoder_segment_ids": targets, "decoder_positions": targets})
+    """The model features the seqio `feature_converter` would produce, as int32 ShapeDtypeStructs [batch, length]."""
+    lengths = feature_converter.get_model_feature_lengths(task_feature_lengths)
     return {k: jax.ShapeDtypeStruct((batch_size, n), jnp.int32, sharding=sharding_for_ndim(2))
-            for k, n in shapes.items()}
+            for k, n in lengths.items()}
 
 
 def per_device_bytes(tree: Any) -> int:
@@ -40,9 +37,24 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
+def saved_activation_bytes(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeStruct]) -> int:
+    """Bytes of activations the backward pass keeps from the forward pass (whole global batch, all devices).
+
+    This is what `remat_policy` changes; the residuals are traced abstractly (no weights allocated).
+    """
+    def loss(params, batch):
+        return trainer.model.loss_terms(trainer.module(params), batch, batch["decoder_loss_weights"])["loss_sum"]
+
+    with trainer.partitioner.axis_rules():
+        residuals = saved_residuals(loss, trainer.abstract_state["params"], dict(batch))
+    return sum(math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+               for aval, source in residuals if not source.startswith("from the argument"))
+
+
 def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool) -> dict:
     """Compiles the train step abstractly; returns the figures (bytes are per device)."""
-    batch = abstract_batch(task_feature_lengths, batch_size, pack, trainer.partitioner.batch_sharding)
+    converter = trainer.model.feature_converter_cls(pack=pack)
+    batch = abstract_batch(converter, task_feature_lengths, batch_size, trainer.partitioner.batch_sharding)
     compiled = trainer.compile_train_step(batch)
     memory = compiled.memory_analysis()
     figures = {
@@ -50,6 +62,7 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
         "parameters": trainer.num_params,
         "param_bytes_per_device": per_device_bytes(trainer.abstract_state["params"]),
         "optimizer_bytes_per_device": per_device_bytes(trainer.abstract_state["opt_state"]),
+        "saved_activation_bytes_global": saved_activation_bytes(trainer, batch),
     }
     if memory is not None:
         figures.update({
@@ -63,6 +76,6 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
 def format_report(figures: Mapping[str, Any]) -> str:
     lines = [f"mesh: {figures['mesh']}", f"parameters: {figures['parameters']:,}"]
     for key, value in figures.items():
-        if key.endswith("_bytes") or key.endswith("_per_device"):
+        if "_bytes" in key:
             lines.append(f"{key}: {value / 2**30:.3f} GiB")
     return "\n".join(lines)

@@ -33,6 +33,30 @@ def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
     return list(jax.random.split(rng, num))
 
 
+# Rematerialisation (gradient checkpointing) of each transformer layer: what the backward pass may keep from the
+# forward pass. 'none' keeps everything (fastest, most memory); 'full' keeps only each layer's input and recomputes
+# the layer; 'dots' keeps matmul outputs; 'dots_with_no_batch_dims' keeps only weight-by-activation matmuls (the
+# T5X / MaxText "minimal" policy: attention scores are recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def check_remat_policy(owner: str, policy: str) -> None:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"{owner}.remat_policy={policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """`fn(module, *arrays)` wrapped by nnx.remat with a REMAT_POLICIES entry ('none' returns `fn` unchanged)."""
+    if policy == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[policy])
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout: zeroes each element with probability `rate`, scales the rest by 1 / (1 - rate).
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from itjax.models.layers import HIDDEN_AXES, MLP, Dense, Embed, RMSNorm, dropout, split_rng
+from itjax.models.layers import HIDDEN_AXES, MLP, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat, split_rng
 from itjax.partitioning import with_logical_constraint
 
 # Additive attention bias for masked pairs; finite so fully masked rows give a uniform softmax, not NaN.
@@ -79,8 +79,10 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"
     decoder_start_token_id: int = 0
+    remat_policy: str = "none"
 
     def __post_init__(self):
+        check_remat_policy("T5Config", self.remat_policy)
         if self.feed_forward not in FEED_FORWARD_TYPES:
             raise ValueError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARD_TYPES}")
         if self.dtype not in DTYPES:
@@ -338,6 +340,7 @@ class Encoder(nnx.Module):
         self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
         self.final_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
+        self.remat_policy = config.remat_policy
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Embedded inputs x [batch, length, embed], mask bool [batch, 1, 1 or length, length].
@@ -348,8 +351,9 @@ class Encoder(nnx.Module):
         bias = self.relative_bias(positions, positions) + mask_to_bias(mask)
         rngs = split_rng(dropout_rng, len(self.layers) + 2)
         x = dropout(x, self.dropout_rate, rngs[0])
+        run = remat(lambda layer, x, bias, rng: layer(x, bias, dropout_rng=rng), self.remat_policy)
         for layer, rng in zip(self.layers, rngs[1:-1]):
-            x = layer(x, bias, dropout_rng=rng)
+            x = run(layer, x, bias, rng)
         return dropout(self.final_norm(x), self.dropout_rate, rngs[-1])
 
 
@@ -361,6 +365,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
         self.final_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
+        self.remat_policy = config.remat_policy
 
     def __call__(
         self,
@@ -382,9 +387,13 @@ class Decoder(nnx.Module):
         cross_bias = mask_to_bias(cross_mask)
         rngs = split_rng(dropout_rng, len(self.layers) + 2)
         y = dropout(y, self.dropout_rate, rngs[0])
-        for layer, rng in zip(self.layers, rngs[1:-1]):
+        def run_layer(layer, y, encoded, self_bias, cross_bias, rng):
             cross_keys, cross_values = layer.cross_attention.project_kv(encoded)
-            y, _ = layer(y, self_bias, cross_keys, cross_values, cross_bias, dropout_rng=rng)
+            return layer(y, self_bias, cross_keys, cross_values, cross_bias, dropout_rng=rng)[0]
+
+        run = remat(run_layer, self.remat_policy)
+        for layer, rng in zip(self.layers, rngs[1:-1]):
+            y = run(layer, y, encoded, self_bias, cross_bias, rng)
         return dropout(self.final_norm(y), self.dropout_rate, rngs[-1])
 
     def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array, max_decode_length: int) -> DecodeCache:

@@ -1,0 +1,99 @@
+"""DecoderOnlyModel: what the trainer needs from a Llama-family model (T5X's `DecoderOnlyModel` idea).
+
+Same interface as `EncoderDecoderModel` (make_module, abstract_module, loss_terms, predict, score,
+feature_converter_cls), over the rows of `itjax.data.feature_converters.DecoderFeatureConverter`:
+`decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` (0 on prompt tokens),
+`decoder_causal_attention` (1 on the prompt), `decoder_segment_ids` (0 = padding) and `decoder_positions`,
+all int32 [batch, length]. Position t of a row predicts its token t + 1, so the loss, the teacher-forced accuracy
+and `score` only count target tokens, and `predict` continues each row's prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from itjax import losses
+from itjax.data.feature_converters import DecoderFeatureConverter
+from itjax.models.llama import Llama, LlamaConfig
+from itjax.models.llama_decoding import greedy_generate
+
+Batch = Mapping[str, jax.Array]
+
+
+@gin.configurable(module="itjax.models")
+class DecoderOnlyModel:
+    """A Llama-family causal LM plus its instruction-tuning conventions.
+
+    Args:
+      config: the module's LlamaConfig.
+      z_loss: auxiliary z-loss coefficient (T5X's 1e-4; 0 for plain cross-entropy).
+      loss_normalizing_factor: None (sum), a number, or a losses.SPECIAL_FACTORS name.
+      bos_id: token the feature converter puts before every prompt (Llama 3: 128000, Llama 2: 1); None for
+        vocabularies without BOS (the quickstart's SentencePiece model).
+    """
+
+    def __init__(self, config: LlamaConfig = gin.REQUIRED, z_loss: float = 1e-4,
+                 loss_normalizing_factor: float | str | None = losses.NUM_REAL_TARGET_TOKENS,
+                 bos_id: int | None = None):
+        self.config = config
+        self.z_loss = z_loss
+        self.loss_normalizing_factor = loss_normalizing_factor
+        self.bos_id = bos_id
+
+    @property
+    def feature_converter_cls(self):
+        """`cls(pack=...)` -> the seqio feature converter for this model (BOS bound)."""
+        return functools.partial(DecoderFeatureConverter, bos_id=self.bos_id)
+
+    def make_module(self, seed: int) -> Llama:
+        """A freshly initialised module (parameters drawn from `seed`)."""
+        return Llama(self.config, rngs=nnx.Rngs(params=seed))
+
+    def abstract_module(self, seed: int = 0) -> Llama:
+        """The module with ShapeDtypeStruct leaves: shapes and logical axes without allocating weights."""
+        return nnx.eval_shape(lambda: self.make_module(seed))
+
+    @staticmethod
+    def logits(module: Llama, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Teacher-forced logits [batch, length, vocab] float32; position t scores decoder_target_tokens[t]."""
+        return module(batch["decoder_input_tokens"], positions=batch["decoder_positions"],
+                      segment_ids=batch["decoder_segment_ids"], dropout_rng=dropout_rng)
+
+    def loss_terms(self, module: Llama, batch: Batch, weights: jax.Array,
+                   dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Sums over the batch: weighted loss (z-loss included), z-loss, correct target tokens, target tokens."""
+        logits = self.logits(module, batch, dropout_rng)
+        targets = batch["decoder_target_tokens"]
+        token_loss, z_term = losses.cross_entropy_with_z_loss(logits, targets, self.z_loss)
+        real = (batch["decoder_loss_weights"] > 0).astype(jnp.float32)
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
+        return {
+            "loss_sum": jnp.sum(token_loss * weights),
+            "z_loss_sum": jnp.sum(z_term * weights),
+            "correct": jnp.sum(correct),
+            "tokens": jnp.sum(real),
+        }
+
+    def predict(self, module: Llama, batch: Batch, max_decode_length: int, eos_id: int = 1) -> jax.Array:
+        """Greedy continuation of each row's prompt with a KV cache: [batch, max_decode_length] (0 after EOS).
+
+        The prompt is the `decoder_causal_attention` part of `decoder_input_tokens` (BOS + inputs); a row
+        without one starts from its first input token.
+        """
+        prompt_mask = batch["decoder_causal_attention"] > 0
+        lengths = jnp.maximum(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32), 1)
+        prompt = jnp.where(jnp.arange(prompt_mask.shape[1])[None, :] < lengths[:, None],
+                           batch["decoder_input_tokens"], 0)
+        return greedy_generate(module, prompt, lengths, max_new_tokens=max_decode_length, eos_id=eos_id)
+
+    def score(self, module: Llama, batch: Batch) -> jax.Array:
+        """Log-likelihood of each row's target tokens: [batch] float32 (nats, summed over loss-weighted tokens)."""
+        log_probs = jax.nn.log_softmax(self.logits(module, batch), axis=-1)
+        target_lp = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+        return jnp.sum(target_lp * (batch["decoder_loss_weights"] > 0), axis=-1)
