@@ -21,6 +21,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from itjax import convert, losses  # noqa: E402
+from itjax.conversion import ConversionError, folders, safetensors_io  # noqa: E402
+from itjax.conversion import t5 as t5_conversion  # noqa: E402
 from itjax.models import decoding  # noqa: E402
 from itjax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
 
@@ -63,9 +65,9 @@ def converted(request, tmp_path_factory):
     model = _hf_model(family)
     model.save_pretrained(hf_dir, **FAMILIES[family][1])
     convert.main(["--hf_dir", hf_dir, "--out_dir", out_dir])
-    config = convert.t5_config_from_gin(os.path.join(out_dir, convert.MODEL_GIN))
+    config = t5_conversion.t5_config_from_gin(os.path.join(out_dir, folders.MODEL_GIN))
     graphdef, _ = nnx.split(EncoderDecoderModel(config).abstract_module(), nnx.Param)
-    module = nnx.merge(graphdef, nnx.State(convert.load_params(out_dir)))
+    module = nnx.merge(graphdef, nnx.State(t5_conversion.load_params(out_dir)))
     return family, model, hf_dir, out_dir, module
 
 
@@ -156,11 +158,12 @@ def test_round_trip_is_exact(converted, tmp_path):
 def test_sharded_export(converted, tmp_path):
     """A small shard size writes HF's index + shards, which read back to the same parameters."""
     _, _, _, out_dir, _ = converted
-    config = convert.t5_config_from_gin(os.path.join(out_dir, convert.MODEL_GIN))
-    params = convert.load_params(out_dir, config)
-    files = convert.write_safetensors(convert.params_to_hf_t5(params, config), str(tmp_path), max_shard_size=30_000)
-    assert convert.HF_INDEX_FILE in files and len(files) > 2
-    again = convert.hf_t5_to_params(convert.SafetensorsReader(str(tmp_path)), config)
+    config = t5_conversion.t5_config_from_gin(os.path.join(out_dir, folders.MODEL_GIN))
+    params = t5_conversion.load_params(out_dir, config)
+    files = safetensors_io.write_safetensors(t5_conversion.params_to_hf_t5(params, config), str(tmp_path),
+                                             max_shard_size=30_000)
+    assert safetensors_io.HF_INDEX_FILE in files and len(files) > 2
+    again = t5_conversion.hf_t5_to_params(safetensors_io.SafetensorsReader(str(tmp_path)), config)
     for (path, a), (_, b) in zip(_leaves(params), _leaves(again)):
         assert np.array_equal(np.asarray(a), b), path
 
@@ -175,7 +178,7 @@ def test_bfloat16_checkpoint_reads_without_torch(tmp_path):
     """bf16 safetensors (numpy has no bf16 dtype) are read through the raw reader and widened to fp32 exactly."""
     model = _hf_model("t5_1_1")
     model.to(torch.bfloat16).save_pretrained(str(tmp_path))
-    reader = convert.SafetensorsReader(str(tmp_path))
+    reader = safetensors_io.SafetensorsReader(str(tmp_path))
     expected = model.shared.weight.detach().float().numpy()
     assert np.array_equal(reader.get("shared.weight"), expected)
 
@@ -188,12 +191,12 @@ def tied_hf_dir(tmp_path):
 
 
 def test_non_t5_config_is_rejected(tied_hf_dir):
-    path = os.path.join(tied_hf_dir, convert.HF_CONFIG)
+    path = os.path.join(tied_hf_dir, folders.HF_CONFIG)
     with open(path) as f:
         config = json.load(f)
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
-    with pytest.raises(convert.ConversionError, match="LlamaForCausalLM"):
-        convert.t5_config_from_hf(config)
+    with pytest.raises(ConversionError, match="LlamaForCausalLM"):
+        t5_conversion.t5_config_from_hf(config)
     with open(path, "w") as f:
         json.dump(config, f)
     with pytest.raises(SystemExit, match="model_type='llama'"):
@@ -201,16 +204,16 @@ def test_non_t5_config_is_rejected(tied_hf_dir):
 
 
 def test_mismatched_tensors_are_listed_in_one_error(tied_hf_dir):
-    file = os.path.join(tied_hf_dir, convert.HF_SINGLE_FILE)
+    file = os.path.join(tied_hf_dir, safetensors_io.HF_SINGLE_FILE)
     tensors = load_file(file)
     tensors["encoder.block.0.layer.0.SelfAttention.q.bias"] = np.zeros(32, np.float32)  # unknown
     tensors["decoder.block.1.layer.2.DenseReluDense.wo.weight"] = np.zeros((32, 50), np.float32)  # wrong shape
     del tensors["encoder.final_layer_norm.weight"]  # missing
     save_file(tensors, file, metadata={"format": "pt"})
-    with open(os.path.join(tied_hf_dir, convert.HF_CONFIG)) as f:
-        config = convert.t5_config_from_hf(json.load(f))
-    with pytest.raises(convert.ConversionError) as error:
-        convert.hf_t5_to_params(convert.SafetensorsReader(tied_hf_dir), config)
+    with open(os.path.join(tied_hf_dir, folders.HF_CONFIG)) as f:
+        config = t5_conversion.t5_config_from_hf(json.load(f))
+    with pytest.raises(ConversionError) as error:
+        t5_conversion.hf_t5_to_params(safetensors_io.SafetensorsReader(tied_hf_dir), config)
     message = str(error.value)
     for name in ("encoder.block.0.layer.0.SelfAttention.q.bias", "decoder.block.1.layer.2.DenseReluDense.wo.weight",
                  "encoder.final_layer_norm.weight", "3 tensors"):
@@ -218,27 +221,27 @@ def test_mismatched_tensors_are_listed_in_one_error(tied_hf_dir):
 
 
 def test_tied_config_with_separate_lm_head_is_rejected(tied_hf_dir):
-    file = os.path.join(tied_hf_dir, convert.HF_SINGLE_FILE)
+    file = os.path.join(tied_hf_dir, safetensors_io.HF_SINGLE_FILE)
     tensors = load_file(file)
     tensors["lm_head.weight"] = tensors["shared.weight"] + 1.0
     save_file(tensors, file, metadata={"format": "pt"})
-    with open(os.path.join(tied_hf_dir, convert.HF_CONFIG)) as f:
-        config = convert.t5_config_from_hf(json.load(f))
-    with pytest.raises(convert.ConversionError, match="lm_head.weight"):
-        convert.hf_t5_to_params(convert.SafetensorsReader(tied_hf_dir), config)
+    with open(os.path.join(tied_hf_dir, folders.HF_CONFIG)) as f:
+        config = t5_conversion.t5_config_from_hf(json.load(f))
+    with pytest.raises(ConversionError, match="lm_head.weight"):
+        t5_conversion.hf_t5_to_params(safetensors_io.SafetensorsReader(tied_hf_dir), config)
 
 
 def test_unsupported_feed_forward_is_rejected():
-    with pytest.raises(convert.ConversionError, match="gated-silu"):
-        convert.t5_config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-silu"})
+    with pytest.raises(ConversionError, match="gated-silu"):
+        t5_conversion.t5_config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-silu"})
 
 
 def test_transformers_4_style_config():
     """transformers 4.x configs say tie_word_embeddings (no scale_decoder_outputs); both spellings map."""
     v1_1 = {"model_type": "t5", "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "num_layers": 2}
-    assert not convert.t5_config_from_hf(v1_1).tie_word_embeddings
-    assert convert.t5_config_from_hf({"model_type": "t5", "num_layers": 2}).tie_word_embeddings  # T5 1.0 default
-    assert not convert.t5_config_from_hf({**v1_1, "tie_word_embeddings": True,
+    assert not t5_conversion.t5_config_from_hf(v1_1).tie_word_embeddings
+    assert t5_conversion.t5_config_from_hf({"model_type": "t5", "num_layers": 2}).tie_word_embeddings  # T5 1.0 default
+    assert not t5_conversion.t5_config_from_hf({**v1_1, "tie_word_embeddings": True,
                                           "scale_decoder_outputs": False}).tie_word_embeddings
 
 
@@ -256,13 +259,13 @@ def test_sentencepiece_ids_match_hf_tokenizer(tmp_path):
         unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
     hf_dir, out_dir, back_dir = (str(tmp_path / name) for name in ("hf", "itjax", "back"))
     _hf_model("t5_1_1").save_pretrained(hf_dir)
-    shutil.copy(tmp_path / "spiece.model", os.path.join(hf_dir, convert.SPIECE))
+    shutil.copy(tmp_path / "spiece.model", os.path.join(hf_dir, folders.SPIECE))
     convert.main(["--hf_dir", hf_dir, "--out_dir", out_dir])  # carries spiece.model over both ways
     convert.main(["--to_hf", "--hf_dir", back_dir, "--out_dir", out_dir])
     # transformers 5 builds its (fast) T5Tokenizer from spiece.model in from_pretrained; the
     # `T5Tokenizer(vocab_file=...)` constructor does not load the SentencePiece pieces.
     hf_tokenizer = transformers.T5Tokenizer.from_pretrained(back_dir)
-    vocabulary = seqio.SentencePieceVocabulary(os.path.join(out_dir, convert.SPIECE))
+    vocabulary = seqio.SentencePieceVocabulary(os.path.join(out_dir, folders.SPIECE))
     texts = [lines[0], lines[1].upper(), " ".join(words[:12]) + ", Hello World 123!", "  two  spaces  ", ""]
     for text in texts:
         assert list(vocabulary.encode(text)) + [vocabulary.eos_id] == hf_tokenizer(text).input_ids, text

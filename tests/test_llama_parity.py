@@ -1,12 +1,13 @@
 """Numerical parity of itjax's Llama-family model with transformers on tiny random HF models made in the test.
 
-Cases: Llama 3 (llama3 RoPE scaling, untied), Llama with tied embeddings, Mistral, Qwen2 (q/k/v biases); all with
+Cases: Llama 3 (llama3 RoPE scaling, untied), Llama with tied embeddings, Mistral, Mistral with a 4-token
+sliding window, Qwen2 (q/k/v biases); all with
 hidden 64, 2 layers, 4 query / 2 kv heads, vocab 128. HF weights are perturbed away from their initial values
 (norm weights, biases) so every tensor of the mapping matters. Checks: fp32 logits within 1e-4 absolute on a
 right-padded batch, packed rows equal to the sequences run separately, greedy generation token-identical to HF
 `generate`, left- and right-padded prefill agree, logical axis names on every Param, equal parameter counts, the
-same logits with params and activations sharded by the 2D rules on 8 fake devices; and the llama3_1b / llama3_8b gin
-files' abstract parameter counts against HF's meta-device models.
+same logits with params and activations sharded by the 2D rules on 8 fake devices; and the llama3_1b / llama3_8b /
+mistral_7b / qwen2_0_5b gin files' abstract parameter counts against HF's meta-device models.
 """
 
 import os
@@ -21,7 +22,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from itjax.models.llama import Llama, LlamaConfig, llama_config_from_hf, params_from_hf_state_dict  # noqa: E402
+from itjax.conversion.llama import hf_config_from_llama, llama_config_from_hf, params_from_hf_state_dict  # noqa: E402
+from itjax.models.llama import Llama, LlamaConfig  # noqa: E402
 from itjax.models.llama_decoding import greedy_generate  # noqa: E402
 from itjax.partitioning import STANDARD_2D_RULES, Partitioner, logical_axes_of  # noqa: E402
 
@@ -36,6 +38,8 @@ CASES = {
                                                             tie_word_embeddings=False)),
     "llama_tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
     "mistral": (transformers.MistralConfig, dict(sliding_window=None, tie_word_embeddings=False)),
+    # A window of 4 is shorter than every test sequence (12 tokens; prompts + 8 generated; packed segments 5, 6).
+    "mistral_sliding_window": (transformers.MistralConfig, dict(sliding_window=4, tie_word_embeddings=False)),
     "qwen2_bias": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
 }
 MODEL_CLASSES = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
@@ -197,21 +201,20 @@ def test_conversion_rejects_wrong_shapes():
         LlamaConfig(8, 8, 8, 1, 2, 1, rope_scaling={"rope_type": "yarn", "factor": 2.0})
 
 
-@pytest.mark.parametrize("name,expected", [("llama3_1b", 1_235_814_400), ("llama3_8b", 8_030_261_248)])
+@pytest.mark.parametrize("name,expected", [("llama3_1b", 1_235_814_400), ("llama3_8b", 8_030_261_248),
+                                           ("mistral_7b", 7_241_732_096), ("qwen2_0_5b", 494_032_768)])
 def test_gin_sizes_match_hf_parameter_counts(name, expected):
     gin.parse_config_file(os.path.join(GIN_DIR, f"{name}.gin"))
     config = gin.get_configurable(LlamaConfig)()
+    assert gin.query_parameter("itjax.models.DecoderOnlyModel.config").selector == "itjax.models.LlamaConfig"
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     itjax_count = sum(int(np.prod(v.shape)) for v in _params(abstract).values())
     assert itjax_count == expected
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-        tie_word_embeddings=config.tie_word_embeddings, rope_scaling=dict(config.rope_scaling),
-        rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps)
+    hf_dict = hf_config_from_llama(config)  # llama / mistral (sliding window) / qwen2 (q/k/v biases)
+    hf_config = transformers.AutoConfig.for_model(**hf_dict)
+    assert type(hf_config).__name__.lower().startswith(hf_dict["model_type"])
     with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(hf_config)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
     assert sum(p.numel() for p in hf.parameters()) == expected
     assert llama_config_from_hf(hf_config.to_dict()) == config
 

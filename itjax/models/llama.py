@@ -22,11 +22,13 @@ tensor each one comes from (`W` a torch Linear weight [out, in], `D` = head_dim,
     norm.scale                                      [embed]              ('embed',)           model.norm.weight
     lm_head.kernel                                  [embed, vocab]       ('embed', 'vocab')   lm_head.weight.T
 
-(HF names are prefixed `model.layers.{i}.` except `lm_head.weight`; `lm_head` is absent when tied.) The kv-head dimension of k / v uses the
+(HF names are prefixed `model.layers.{i}.` except `lm_head.weight`; `lm_head` is absent when tied;
+conversion: `itjax.conversion.llama`.) The kv-head dimension of k / v uses the
 logical name 'heads' as the query heads do, so tensor-parallel rules shard both the same way.
 
-Masks: attention is causal; with packing (`segment_ids` 1, 2, ..., 0 = padding) it stays within a segment and
-`positions` restart per segment. Masked pairs get a finite additive bias (`t5.MASK_BIAS`) on float32 logits.
+Masks: attention is causal (and, with `sliding_window` W, limited to the last W positions); with packing
+(`segment_ids` 1, 2, ..., 0 = padding) it stays within a segment and `positions` restart per segment. Masked
+pairs get a finite additive bias (`t5.MASK_BIAS`) on float32 logits.
 
 Incremental decoding uses a functional `DecodeCache` (keys / values [batch, max_length, kv_heads, head_dim] per
 layer, a per-slot validity mask and a per-row write index), so prompts may be left- or right-padded: `prefill`
@@ -48,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itjax.models.layers import HIDDEN_AXES, Dense, Embed, RMSNorm, dropout, split_rng
+from itjax.models.layers import HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat, split_rng
 from itjax.models.t5 import MASK_BIAS
 from itjax.partitioning import with_logical_constraint
 
@@ -67,6 +69,8 @@ class LlamaConfig:
     attention_bias: q / k / v projection biases (Qwen2); the output projection never has one.
     dtype: activation dtype ('float32' or 'bfloat16'); parameters stay float32, norms, RoPE, softmax and the
         final logits are computed in float32.
+    sliding_window: None (full causal attention) or W: each query attends to itself and the W - 1 tokens before
+        it (Mistral v0.1; HF `kv_idx > q_idx - sliding_window`), in training and in cached decoding.
     """
 
     vocab_size: int
@@ -83,8 +87,13 @@ class LlamaConfig:
     attention_bias: bool = False
     dropout_rate: float = 0.0
     dtype: str = "float32"
+    sliding_window: int | None = None
+    remat_policy: str = "none"
 
     def __post_init__(self):
+        check_remat_policy("LlamaConfig", self.remat_policy)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window}; expected None or a positive int")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.dtype not in DTYPES:
@@ -307,10 +316,13 @@ def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.A
         buffer, update.astype(buffer.dtype), start)
 
 
-def causal_segment_mask(segment_ids: jax.Array | None, length: int) -> jax.Array:
-    """Causal mask, restricted to equal segment ids when given. [batch or 1, 1, 1, length, length] bool."""
+def causal_segment_mask(segment_ids: jax.Array | None, length: int, sliding_window: int | None = None) -> jax.Array:
+    """Causal mask, restricted to equal segment ids when given and to the last `sliding_window` positions
+    (the query's own included). [batch or 1, 1, 1, length, length] bool."""
     idx = jnp.arange(length)
     mask = (idx[:, None] >= idx[None, :])[None]
+    if sliding_window is not None:
+        mask = mask & (idx[:, None] - idx[None, :] < sliding_window)[None]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return mask[:, None, None]
@@ -323,6 +335,10 @@ def causal_segment_mask(segment_ids: jax.Array | None, length: int) -> jax.Array
 
 class Llama(nnx.Module):
     """Llama-family causal language model. See the module docstring for the parameter tree and conventions."""
+
+    # Prompt-tuning hook (itjax.peft.prompt_tuning.Prompt): None, or a module inserting P trainable vectors into the
+    # embedded sequence (`insert_sequence`, `insert`, `insert_mask`) whose outputs `remove` drops again.
+    input_prompt = None
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -351,16 +367,24 @@ class Llama(nnx.Module):
         batch, length = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        mask = causal_segment_mask(segment_ids, length)
+        x = self.embed_tokens(tokens)
+        if self.input_prompt is not None:
+            x, positions, segment_ids = self.input_prompt.insert_sequence(x, positions, segment_ids)
+        mask = causal_segment_mask(segment_ids, x.shape[1], self.config.sliding_window)
         rngs = split_rng(dropout_rng, len(self.layers))
-        x = with_logical_constraint(self.embed_tokens(tokens), HIDDEN_AXES)
+        x = with_logical_constraint(x, HIDDEN_AXES)
+        run = remat(lambda layer, x, positions, mask, rng: layer(x, positions, mask, dropout_rng=rng)[0],
+                    self.config.remat_policy)
         for layer, rng in zip(self.layers, rngs):
-            x, _ = layer(x, positions, mask, dropout_rng=rng)
+            x = run(layer, x, positions, mask, rng)
+        if self.input_prompt is not None:
+            x = self.input_prompt.remove(x)
         return self._logits(self.norm(x))
 
     def init_decode_cache(self, batch: int, max_length: int) -> DecodeCache:
         """An empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""
         c = self.config
+        max_length += 0 if self.input_prompt is None else self.input_prompt.length  # the prompt takes slots too
         empty = jnp.zeros((batch, max_length, c.num_kv_heads, c.head_dim), c.activation_dtype)
         return DecodeCache(
             keys=(empty,) * c.num_layers,
@@ -379,12 +403,15 @@ class Llama(nnx.Module):
         Returns (logits [batch, vocab] float32 after each row's last real token, the next position [batch] int32
         (= prompt length), the cache with its write index just after each row's last real token).
         """
-        batch, length = tokens.shape
+        x = self.embed_tokens(tokens)
+        if self.input_prompt is not None:  # rows must start at slot 0 (right padding) for position='after_bos'
+            x, token_mask = self.input_prompt.insert(x), self.input_prompt.insert_mask(token_mask)
+        batch, length = token_mask.shape
         positions = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
         slots = jnp.arange(length, dtype=jnp.int32)
         end = jnp.max(jnp.where(token_mask, slots + 1, 0), axis=1)  # one past the last real token, from start
         valid = _write_rows(cache.valid, token_mask, cache.index)
-        hidden, cache = self._run_cached(tokens, positions, cache._replace(valid=valid), start=cache.index,
+        hidden, cache = self._run_cached(x, positions, cache._replace(valid=valid), start=cache.index,
                                          query_slots=cache.index[:, None] + slots)
         last = jnp.take_along_axis(hidden, jnp.maximum(end - 1, 0)[:, None, None], axis=1)[:, 0]
         logits = self._logits(self.norm(last[:, None]))[:, 0]
@@ -398,20 +425,23 @@ class Llama(nnx.Module):
         Returns logits [batch, vocab] float32 for the next token and the cache advanced by one slot.
         """
         valid = _write_rows(cache.valid, jnp.ones((tokens.shape[0], 1), jnp.bool_), cache.index)
-        hidden, cache = self._run_cached(tokens[:, None], positions[:, None], cache._replace(valid=valid),
-                                         start=cache.index, query_slots=cache.index[:, None])
+        hidden, cache = self._run_cached(self.embed_tokens(tokens[:, None]), positions[:, None],
+                                         cache._replace(valid=valid), start=cache.index,
+                                         query_slots=cache.index[:, None])
         return self._logits(self.norm(hidden))[:, 0], cache._replace(index=cache.index + 1)
 
     def _run_cached(
-        self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache, *, start: jax.Array,
+        self, x: jax.Array, positions: jax.Array, cache: DecodeCache, *, start: jax.Array,
         query_slots: jax.Array,
     ) -> tuple[jax.Array, DecodeCache]:
-        """Layers over tokens [batch, l] written at slots start + arange(l); queries at query_slots [batch, l]
-        attend to valid cache slots at or before their own. Returns un-normed hidden [batch, l, embed]."""
+        """Layers over embedded tokens x [batch, l, embed] written at slots start + arange(l); queries at
+        query_slots [batch, l] attend to valid cache slots at or before their own. Returns un-normed hidden
+        [batch, l, embed]."""
         key_slots = jnp.arange(cache.valid.shape[1])
         mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & cache.valid[:, None, :]
+        if self.config.sliding_window is not None:  # a row's real tokens are contiguous: slot gap = token gap
+            mask = mask & (key_slots[None, None, :] > query_slots[:, :, None] - self.config.sliding_window)
         mask = mask[:, None, None]  # [batch, 1, 1, l, max_len]
-        x = self.embed_tokens(tokens)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             x, (keys, values) = layer(x, positions, mask, cache=(cache.keys[i], cache.values[i]), cache_index=start)
@@ -426,107 +456,3 @@ class Llama(nnx.Module):
         else:
             logits = self.lm_head(x)
         return with_logical_constraint(logits, ("batch", "length", "vocab"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# HF interop
-# ----------------------------------------------------------------------------------------------------------------
-
-SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def llama_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32") -> LlamaConfig:
-    """LlamaConfig from a HF config dict (`config.json` / `PretrainedConfig.to_dict()`, transformers 4.x or 5.x).
-
-    Reads RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (4.x). Qwen2
-    always has q / k / v biases. Mistral's `sliding_window` is not implemented: results are exact for sequences no
-    longer than the window (every sequence for Mistral v0.2+, whose window is null).
-    """
-    model_type = hf_config.get("model_type", "llama")
-    if model_type not in SUPPORTED_HF_MODEL_TYPES:
-        raise ValueError(f"llama_config_from_hf: model_type {model_type!r} is not supported; expected one of "
-                         f"{SUPPORTED_HF_MODEL_TYPES}")
-    if hf_config.get("hidden_act", "silu") != "silu" or hf_config.get("mlp_bias", False):
-        raise ValueError("llama_config_from_hf: only a bias-free SiLU-gated MLP is supported (hidden_act='silu', "
-                         f"mlp_bias=False); got hidden_act={hf_config.get('hidden_act')!r}, "
-                         f"mlp_bias={hf_config.get('mlp_bias')!r}")
-    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"llama_config_from_hf: rope_type {rope_type!r} is not supported (only 'default' and "
-                         "'llama3')")
-    heads = hf_config["num_attention_heads"]
-    return LlamaConfig(
-        vocab_size=hf_config["vocab_size"],
-        hidden_size=hf_config["hidden_size"],
-        intermediate_size=hf_config["intermediate_size"],
-        num_layers=hf_config["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf_config.get("num_key_value_heads") or heads,
-        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-        rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        rope_scaling={k: rope[k] for k in ("rope_type", *LLAMA3_ROPE_KEYS)} if rope_type == "llama3" else None,
-        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2" or bool(hf_config.get("attention_bias", False)),
-        dropout_rate=0.0,
-        dtype=dtype,
-    )
-
-
-def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: LlamaConfig) -> dict:
-    """Converts a HF Llama / Mistral / Qwen2 state dict (name -> numpy array) into itjax's parameter tree.
-
-    Returns a pure nested dict `{'embed_tokens': {'embedding': ...}, 'layers': {0: {...}}, ...}` matching
-    `nnx.state(Llama(config), nnx.Param).to_pure_dict()`; apply it with `nnx.update(model, params)` or
-    `nnx.replace_by_pure_dict(state, params)`. Missing tensors or wrong shapes raise a ValueError naming them.
-    """
-    c = config
-    h, k, d, e = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-    used = set()
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state_dict:
-            raise ValueError(f"params_from_hf_state_dict: missing tensor {name!r}")
-        x = np.asarray(state_dict[name], np.float32)
-        if x.shape != shape:
-            raise ValueError(f"params_from_hf_state_dict: {name!r} has shape {x.shape}, expected {shape}")
-        used.add(name)
-        return x
-
-    def attention(prefix: str) -> dict:
-        out = {}
-        for name, n in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
-            out[name] = {"kernel": get(f"{prefix}.{name}.weight", (n * d, e)).T.reshape(e, n, d)}
-            if c.attention_bias:
-                out[name]["bias"] = get(f"{prefix}.{name}.bias", (n * d,)).reshape(n, d)
-        out["o_proj"] = {"kernel": get(f"{prefix}.o_proj.weight", (e, h * d)).T.reshape(h, d, e)}
-        return out
-
-    def layer(i: int) -> dict:
-        p = f"model.layers.{i}"
-        m = c.intermediate_size
-        return {
-            "input_layernorm": {"scale": get(f"{p}.input_layernorm.weight", (e,))},
-            "self_attn": attention(f"{p}.self_attn"),
-            "post_attention_layernorm": {"scale": get(f"{p}.post_attention_layernorm.weight", (e,))},
-            "mlp": {
-                "gate_proj": {"kernel": get(f"{p}.mlp.gate_proj.weight", (m, e)).T},
-                "up_proj": {"kernel": get(f"{p}.mlp.up_proj.weight", (m, e)).T},
-                "down_proj": {"kernel": get(f"{p}.mlp.down_proj.weight", (e, m)).T},
-            },
-        }
-
-    params = {
-        "embed_tokens": {"embedding": get("model.embed_tokens.weight", (c.vocab_size, e))},
-        "layers": {i: layer(i) for i in range(c.num_layers)},
-        "norm": {"scale": get("model.norm.weight", (e,))},
-    }
-    if not c.tie_word_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight", (c.vocab_size, e)).T}
-    unused = sorted(n for n in state_dict if n not in used and n != "lm_head.weight"
-                    and not n.endswith("rotary_emb.inv_freq"))
-    if unused:
-        raise ValueError(f"params_from_hf_state_dict: unexpected tensors {unused} (a different architecture?)")
-    return params

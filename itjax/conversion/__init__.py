@@ -1,0 +1,17 @@
+"""HF <-> itjax checkpoint conversion (the `python -m itjax.convert` machinery).
+
+    safetensors_io.py   streamed reading of HF safetensors (single file or sharded, bf16 without torch) and the
+                        sharded writer
+    mapping.py          per-tensor maps HF name <-> itjax parameter path, layout changes, one checked error
+    folders.py          the itjax model folder: OUT/checkpoint (params-only orbax), OUT/model.gin, tokenizer files
+    hf_tokenizer.py     the special tokens of a HF tokenizer folder (no transformers / TensorFlow needed)
+    t5.py               T5 / mT5 (encoder-decoder)
+    llama.py            Llama 2 / 3, Mistral, Qwen2 (decoder-only)
+
+Each family module exposes `MODEL_TYPES` (HF `model_type`s), `hf_to_itjax(hf_dir, out_dir)` and
+`itjax_to_hf(out_dir, hf_dir, max_shard_size, dtype)`; `itjax.convert` dispatches between them.
+"""
+
+
+class ConversionError(ValueError):
+    """A checkpoint, config or folder that the converter cannot map; the message names the offending items."""
