@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import seqio
 import tensorflow as tf
 
+from itjax.config import ConfigError
 from itjax.data import mixing
 from itjax.data import templates as tmpl
 
@@ -52,7 +53,7 @@ FLAN2022_CAPS = {"flan2021": 30000, "t0": 20000, "niv2": 5000, "cot": 100000, "d
 FLAN2022_WEIGHTS = {"flan2021": 0.4, "t0": 0.32, "niv2": 0.2, "cot": 0.05, "dialog": 0.03}
 
 
-class FlanTaskError(ValueError):
+class FlanTaskError(ConfigError):
     """A FLAN-style registration that cannot be built; the message names the task and setting."""
 
 
