@@ -4,6 +4,10 @@ Layout: `MODEL_DIR/checkpoints/<step>/{state,dataset}`. `state` is the train sta
 optimizer state) restored straight into its shardings; `dataset` is a small JSON record of how many batches the
 input pipeline has produced, so a resumed run continues with the batch an uninterrupted run would have seen.
 Saving is asynchronous (training continues while the files are written); the last `keep` checkpoints are kept.
+
+Parameter-efficient runs (`train.peft`) save only the adapter state plus `base`, a JSON pointer to the frozen
+weights: `{"path": the initial checkpoint (None = fresh from "seed"), "seed", "fingerprint": {param path: {"shape",
+"abs_sum"}}}`. `restore_peft_base` reloads the base from it and refuses a base whose shapes (or values) differ.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+BASE_ITEM = "base"
 
 
 class CheckpointMismatchError(ValueError):
@@ -37,7 +44,10 @@ class Checkpointer:
                                                enable_async_checkpointing=use_async, create=True)
         # Handlers are given up front so a fresh manager can read metadata before the first save / restore.
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "dataset": ocp.JsonCheckpointHandler()})
+            "state": ocp.StandardCheckpointHandler(), "dataset": ocp.JsonCheckpointHandler(),
+            BASE_ITEM: ocp.JsonCheckpointHandler()})
+        # peft runs: the base-weights pointer written with every checkpoint (see restore_peft_base).
+        self.base_pointer: dict | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -52,8 +62,17 @@ class Checkpointer:
         """Starts writing a checkpoint for `step` (returns at once when async). Skips steps already saved."""
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), dataset=ocp.args.JsonSave(dataset_position)), force=True)
+        items = {"state": ocp.args.StandardSave(state), "dataset": ocp.args.JsonSave(dataset_position)}
+        if self.base_pointer is not None:
+            items[BASE_ITEM] = ocp.args.JsonSave(self.base_pointer)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def saved_base_pointer(self, step: int) -> dict | None:
+        """The base-weights pointer of a peft checkpoint; None for a full-model checkpoint."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), BASE_ITEM)):
+            return None
+        return dict(self._manager.restore(step, args=ocp.args.Composite(
+            **{BASE_ITEM: ocp.args.JsonRestore()}))[BASE_ITEM])
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (ShapeDtypeStruct leaves).
@@ -126,3 +145,57 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
+
+
+# ------------------------------------------------------------------------------------------------ peft base
+def base_fingerprint(params: Any) -> dict:
+    """{param path: {"shape": [...], "abs_sum": float}} of a parameter tree (computed on device, one scalar per
+    leaf): enough to tell another base apart without storing or re-reading it."""
+    sums = jax.device_get(jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(jnp.abs(x.astype(jnp.float32))), p))(
+        params))
+    return {_path_str(p): {"shape": list(np.shape(x)), "abs_sum": float(s)}
+            for (p, x), (_, s) in zip(_flatten(params), _flatten(sums))}
+
+
+def check_base_fingerprint(saved: dict, current: dict, where: str, *, rtol: float = 1e-4) -> None:
+    """Raises CheckpointMismatchError naming the base parameters whose shapes (or values) differ from those the
+    adapter was trained on. Values are compared through their absolute sums (tolerance for other layouts'
+    reduction order)."""
+    missing = sorted(set(saved) - set(current))
+    unexpected = sorted(set(current) - set(saved))
+    reshaped = sorted(k for k in set(saved) & set(current) if list(saved[k]["shape"]) != list(current[k]["shape"]))
+    changed = sorted(k for k in set(saved) & set(current) if k not in reshaped
+                     and not np.isclose(saved[k]["abs_sum"], current[k]["abs_sum"], rtol=rtol, atol=1e-6))
+    if not (missing or unexpected or reshaped or changed):
+        return
+    lines = [f"{where}: the adapter was trained on another base model:"]
+    lines += [f"  {k}: adapter's base shape {tuple(saved[k]['shape'])} != this base {tuple(current[k]['shape'])}"
+              for k in reshaped[:20]]
+    lines += [f"  {k}: in the adapter's base, not in this base" for k in missing[:20]]
+    lines += [f"  {k}: in this base, not in the adapter's base" for k in unexpected[:20]]
+    if changed and not (missing or unexpected or reshaped):
+        lines += [f"  {k}: same shape, different values" for k in changed[:20]]
+    lines.append("Load the base the adapter was trained on (train.initial_checkpoint_path, and the model gin file "
+                 "it was made with), or start a new MODEL_DIR.")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def restore_peft_base(trainer, initial_checkpoint_path: str | None, saved_pointer: dict | None = None) -> dict:
+    """Loads a peft trainer's frozen base into `trainer.base_params`; returns the pointer to save with checkpoints.
+
+    The base comes from `initial_checkpoint_path`, else from the path a resumed checkpoint recorded, else it is
+    initialised from the trainer's seed (tests, from-scratch toy runs). With `saved_pointer` (resuming), the loaded
+    base must match the fingerprint the adapter was trained on.
+    """
+    path = initial_checkpoint_path or (saved_pointer or {}).get("path")
+    if path:
+        base = restore_initial_params(path, trainer.abstract_base_params)
+        path = os.path.abspath(path)
+    else:
+        base = trainer.init_base_params()
+    pointer = {"path": path, "seed": None if path else trainer.seed, "fingerprint": base_fingerprint(base)}
+    if saved_pointer is not None:
+        check_base_fingerprint(saved_pointer["fingerprint"], pointer["fingerprint"],
+                               f"base {path or f'initialised from seed {trainer.seed}'}")
+    trainer.base_params = base
+    return pointer

@@ -4,6 +4,8 @@ Usage:
 
     python -m itjax.convert --hf_dir DIR --out_dir OUT             # HF folder -> itjax folder
     python -m itjax.convert --to_hf --hf_dir OUT_HF --out_dir OUT  # itjax folder OUT -> HF folder OUT_HF
+    python -m itjax.convert --from_run MODEL_DIR --out_dir OUT [--to_hf --hf_dir OUT_HF] [--peft_out ADAPTER]
+        # a training run (full fine-tuning, or LoRA merged into its base) -> itjax folder OUT [-> HF folder]
 
 HF -> itjax dispatches on config.json's `model_type`; itjax -> HF on the config that OUT/model.gin binds.
 The itjax folder (OUT/checkpoint, OUT/model.gin, tokenizer files) is described in `itjax.conversion.folders`;
@@ -19,10 +21,12 @@ import json
 import os
 from types import ModuleType
 
-from itjax.conversion import ConversionError, llama, t5
+from itjax.config import ConfigError
+from itjax.conversion import ConversionError, llama, runs, t5
 # Re-exported: the names callers used before the conversion code moved to itjax.conversion.
 from itjax.conversion.folders import HF_CONFIG, MODEL_GIN, save_params
 from itjax.conversion.t5 import t5_config_from_gin, t5_config_from_hf
+from itjax.peft.core import PeftConfigError
 
 __all__ = ["main", "family_of_hf_dir", "family_of_itjax_dir", "supported_model_types", "ConversionError",
            "HF_CONFIG", "MODEL_GIN", "save_params", "t5_config_from_gin", "t5_config_from_hf"]
@@ -65,24 +69,37 @@ def family_of_itjax_dir(out_dir: str) -> ModuleType:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m itjax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hf_dir", required=True, help="the HF folder (read, or written with --to_hf)")
+    parser.add_argument("--hf_dir", help="the HF folder (read, or written with --to_hf)")
     parser.add_argument("--out_dir", required=True, help="the itjax folder (written, or read with --to_hf)")
     parser.add_argument("--to_hf", action="store_true", help="convert the itjax folder --out_dir to --hf_dir")
+    parser.add_argument("--from_run", metavar="MODEL_DIR",
+                        help="write the model of this itjax.train run (LoRA merged into its base) to --out_dir")
+    parser.add_argument("--checkpoint_step", type=int, default=None, help="--from_run: the step (default: latest)")
+    parser.add_argument("--peft_out", metavar="DIR",
+                        help="--from_run of a LoRA run: also write the unmerged adapter as a HF peft folder")
     parser.add_argument("--max_shard_size_mb", type=float, default=2048, help="--to_hf: safetensors shard size")
     parser.add_argument("--hf_dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="--to_hf: tensor dtype; auto = the source checkpoint's for Llama-family folders "
                              "(bfloat16 stays bfloat16), else float32")
     args = parser.parse_args(argv)
+    if args.hf_dir is None and (args.to_hf or not args.from_run):
+        parser.error("--hf_dir is required (except for --from_run without --to_hf)")
+    if args.peft_out and not args.from_run:
+        parser.error("--peft_out needs --from_run MODEL_DIR (a LoRA training run)")
     try:
+        if args.from_run:
+            runs.export_run(args.from_run, args.out_dir, step=args.checkpoint_step, peft_out=args.peft_out)
+            print(f"wrote {args.out_dir}/{{checkpoint,{MODEL_GIN}}} from the run {args.from_run}"
+                  + (f"; the peft adapter to {args.peft_out}" if args.peft_out else ""))
         if args.to_hf:
             family = family_of_itjax_dir(args.out_dir)
             family.itjax_to_hf(args.out_dir, args.hf_dir, int(args.max_shard_size_mb * 1024**2), args.hf_dtype)
             print(f"wrote {args.hf_dir} (config.json, safetensors, tokenizer files if present)")
-        else:
+        elif not args.from_run:
             family = family_of_hf_dir(args.hf_dir)
             family.hf_to_itjax(args.hf_dir, args.out_dir)
             print(f"wrote {args.out_dir}/{{checkpoint,{MODEL_GIN}}} (and tokenizer files if present)")
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, ConfigError, PeftConfigError, FileNotFoundError) as e:
         raise SystemExit(f"itjax.convert: {e}") from None
 
 

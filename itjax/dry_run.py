@@ -42,11 +42,15 @@ def saved_activation_bytes(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeS
 
     This is what `remat_policy` changes; the residuals are traced abstractly (no weights allocated).
     """
-    def loss(params, batch):
-        return trainer.model.loss_terms(trainer.module(params), batch, batch["decoder_loss_weights"])["loss_sum"]
+    base = getattr(trainer, "abstract_base_params", None)  # PEFT: the frozen weights, a constant of the loss
+
+    def loss(params, batch, base):
+        # Frozen weights get no gradient, so the backward pass keeps nothing for them.
+        module = trainer.module(params) if base is None else trainer.module(params, jax.lax.stop_gradient(base))
+        return trainer.model.loss_terms(module, batch, batch["decoder_loss_weights"])["loss_sum"]
 
     with trainer.partitioner.axis_rules():
-        residuals = saved_residuals(loss, trainer.abstract_state["params"], dict(batch))
+        residuals = saved_residuals(loss, trainer.abstract_state["params"], dict(batch), base)
     return sum(math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
                for aval, source in residuals if not source.startswith("from the argument"))
 

@@ -92,6 +92,11 @@ class Evaluation:
         self.batch_size = -(-batch_size // batch_divisor) * batch_divisor
         self.max_decode_length = max_decode_length or task_feature_lengths["targets"]
         self.writer = writer
+        eos_ids = {t.output_features["targets"].vocabulary.eos_id for t in self.evaluator.eval_tasks}
+        if len(eos_ids) > 1:
+            raise ValueError(f"Evaluation of {mixture_or_task_name!r}: its tasks' target vocabularies disagree on "
+                             f"the EOS id ({sorted(eos_ids)}); evaluate them separately.")
+        self.eos_id = eos_ids.pop() if eos_ids else 1  # where generation stops (T5: 1; Llama 3: 128001 ...)
         self._numpy_tasks = {name: [ex for _, ex in ds.as_numpy_iterator()]
                              for name, ds in self.evaluator.cached_model_datasets.items()}
 
@@ -120,7 +125,8 @@ class Evaluation:
             examples = [ex for _, ex in indexed]
             tokens = []
             for n, batch in self._batches(examples):
-                out = trainer.predict(params, to_global(batch, sharding, host_local=False), self.max_decode_length)
+                out = trainer.predict(params, to_global(batch, sharding, host_local=False), self.max_decode_length,
+                                      self.eos_id)
                 tokens.extend(np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))[:n])
             return list(zip(indices, [t.tolist() for t in tokens]))
 

@@ -3,12 +3,18 @@ r"""Generate or score with a trained model: `python -m itjax.infer --gin_file=..
 The gin files are the run's (e.g. the training command's, or MODEL_DIR/config.gin); the weights come from the latest
 checkpoint in MODEL_DIR (or --checkpoint_step) and the vocabulary from the MIXTURE_OR_TASK_NAME task.
 
-Input: JSON lines with text (`inputs`, and `targets` for scoring) or token ids (`input_ids`, `target_ids`).
+Works for encoder-decoder (T5) and decoder-only (Llama-family) models alike.
+
+Input: JSON lines with text (`inputs`, and `targets` for scoring) or token ids (`input_ids`, `target_ids`). Text
+is tokenized with the task's vocabulary and features (EOS appended where the task appends it); ids are used as
+given. A decoder-only model's prompt is [bos_id] + input ids, continued from there.
 Output: the same objects plus `prediction` / `prediction_ids` (--mode=generate) or `log_likelihood` (nats,
 summed over target tokens incl. EOS; --mode=score, the building block of rank classification).
 
     python -m itjax.infer --gin_file=quickstart.gin --input_file=in.jsonl --output_file=out.jsonl \
         --mode=generate --decode=beam --num_beams=4 --alpha=0.6
+    python -m itjax.infer --gin_file=quickstart_decoder.gin --input_file=in.jsonl --output_file=scores.jsonl \
+        --mode=score
 """
 
 from __future__ import annotations
@@ -78,22 +84,32 @@ def main(argv: list[str] | None = None) -> int:
                              config_lib.REQUIRED_TRAIN_MACROS)
         model_dir = gin.query_parameter("MODEL_DIR/macro.value")
         lengths = gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value")
+        if "inputs" not in lengths:
+            raise config_lib.ConfigError(
+                f"TASK_FEATURE_LENGTHS={lengths} has no 'inputs' length for the prompts; add one, e.g. "
+                "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 256, 'targets': 128}\".")
         task = pipeline.get_mixture_or_task(gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value"))
         vocabulary = task.output_features["targets"].vocabulary
         model = gin.query_parameter("train.model").scoped_configurable_fn()
         optimizer = gin.query_parameter("train.optimizer").scoped_configurable_fn()
         partitioner = Partitioner()
-        trainer = Trainer(model, optimizer, partitioner)
+        peft = gin.get_bindings("train").get("peft")  # a PEFT run: adapter checkpoints on a frozen base
+        trainer = Trainer(model, optimizer, partitioner, peft=peft)
         params = inference.restore_params(trainer, model_dir, args.checkpoint_step)
         examples = read_examples(args.input_file)
         batch_size = -(-args.batch_size // partitioner.batch_divisor) * partitioner.batch_divisor
+        # Text is tokenized as the task's features do it (EOS after the inputs only if the task adds one).
+        add_eos = {name: task.output_features[name].add_eos if name in task.output_features else False
+                   for name in ("inputs", "targets")}
         if args.mode == "generate":
             run = functools.partial(
-                inference.generate_examples, max_decode_length=args.max_decode_length or lengths["targets"], decode=args.decode,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                alpha=args.alpha, seed=args.seed)
+                inference.generate_examples, max_decode_length=args.max_decode_length or lengths["targets"],
+                target_length=lengths["targets"], decode=args.decode, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, alpha=args.alpha, seed=args.seed,
+                inputs_add_eos=add_eos["inputs"])
         else:
-            run = functools.partial(inference.score_examples, target_length=lengths["targets"])
+            run = functools.partial(inference.score_examples, target_length=lengths["targets"],
+                                    inputs_add_eos=add_eos["inputs"], targets_add_eos=add_eos["targets"])
         results = run(trainer, params, examples, vocabulary, input_length=lengths["inputs"], batch_size=batch_size)
     except (config_lib.ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

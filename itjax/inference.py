@@ -1,38 +1,53 @@
-"""Using a trained model from Python (notebooks, scripts, `itjax.infer`): restore its weights, generate, score."""
+"""Using a trained model from Python (notebooks, scripts, `itjax.infer`): restore its weights, generate, score.
+
+Works for both model families: the model object builds its own rows from token ids (`model.inference_batch`, the
+layout of its feature converter) and says how to decode them (`model.decode_fns`, see `itjax.models.decoding`).
+Text fields are tokenized as the task's features do it: EOS appended after trimming when the feature has
+`add_eos` (seqio's `append_eos_after_trim`); token-id fields are used as given.
+"""
 
 from __future__ import annotations
 
 from typing import Iterator, Sequence
 
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
 import seqio
 
 from itjax import config as config_lib
-from itjax.checkpoints import Checkpointer
+from itjax.checkpoints import Checkpointer, restore_peft_base
 from itjax.data import pipeline
 from itjax.models import decoding
 from itjax.trainer import Trainer
 
 
 def restore_params(trainer: Trainer, model_dir: str, step: int | None = None):
-    """Parameters of the checkpoint at `step` (default: the latest) in MODEL_DIR, laid out for `trainer`."""
+    """Parameters of the checkpoint at `step` (default: the latest) in MODEL_DIR, laid out for `trainer`.
+
+    For a PEFT trainer these are the adapter's; the frozen base the checkpoint points to is loaded into
+    `trainer.base_params` (checked against the fingerprint the adapter was trained on).
+    """
     checkpointer = Checkpointer(model_dir, period=0, use_async=False)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first or fix MODEL_DIR.")
+        if trainer.peft is not None and trainer.base_params is None:
+            restore_peft_base(trainer, None, checkpointer.saved_base_pointer(step))
         state, _ = checkpointer.restore(step, trainer.abstract_state)
     finally:
         checkpointer.close()
     return state["params"]
 
 
-def _ids(example: dict, text_key: str, ids_key: str, vocabulary, length: int) -> list[int]:
-    """Token ids of one field, EOS appended (for text), truncated to `length`."""
+def token_ids(example: dict, text_key: str, ids_key: str, vocabulary, length: int, add_eos: bool) -> list[int]:
+    """Token ids of one field: `ids_key` as given, or `text_key` tokenized (trimmed to fit `length` with the EOS
+    appended when add_eos, as seqio's append_eos_after_trim does)."""
     if ids_key in example:
-        return list(example[ids_key])[:length]
-    return (list(vocabulary.encode(example[text_key])) + [vocabulary.eos_id])[:length]
+        return [int(i) for i in example[ids_key]]
+    ids = list(vocabulary.encode(example[text_key]))
+    return ids[:max(length - 1, 0)] + [vocabulary.eos_id] if add_eos else ids[:length]
 
 
 def _batches(examples: Sequence[dict], batch_size: int) -> Iterator[tuple[int, list[dict]]]:
@@ -40,39 +55,44 @@ def _batches(examples: Sequence[dict], batch_size: int) -> Iterator[tuple[int, l
         yield start, list(examples[start:start + batch_size])
 
 
-def _pad(rows: list[list[int]], batch_size: int, length: int) -> np.ndarray:
-    out = np.zeros((batch_size, length), np.int32)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
+def _gather(out: jax.Array) -> np.ndarray:
+    """A batch-sharded result as one numpy array on every process."""
+    return np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))
+
+
+def _global(trainer: Trainer, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return pipeline.to_global(batch, trainer.partitioner.batch_sharding, host_local=False)
 
 
 def generate_examples(trainer: Trainer, params, examples: Sequence[dict], vocabulary, *, input_length: int,
-                      max_decode_length: int, batch_size: int = 8, decode: str = "greedy", temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, num_beams: int = 4, alpha: float = 0.6,
-                      seed: int = 0) -> list[dict]:
+                      max_decode_length: int, target_length: int | None = None, batch_size: int = 8,
+                      decode: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      num_beams: int = 4, alpha: float = 0.6, seed: int = 0,
+                      inputs_add_eos: bool = True) -> list[dict]:
     """Returns each example (`inputs` text or `input_ids`) with `prediction` and `prediction_ids` added.
 
     decode: "greedy", "sample" (temperature, top_k, top_p, seed) or "beam" (num_beams, alpha).
+    input_length / target_length: the task feature lengths the model was trained with (target_length, default
+    max_decode_length, only sizes the rows of decoder-only models: prompt + targets, as in training).
+    inputs_add_eos: append EOS to text inputs (the task's `inputs` feature `add_eos`).
     """
-    eos = vocabulary.eos_id
+    model, eos = trainer.model, vocabulary.eos_id
+    lengths = {"inputs": input_length, "targets": target_length or max_decode_length}
 
-    def decode_fn(module, tokens, rng):
-        if decode == "beam":
-            return decoding.beam_search(module, tokens, max_decode_length=max_decode_length, num_beams=num_beams,
-                                        alpha=alpha, eos_id=eos)[0]
-        return decoding.sample_decode(module, tokens, max_decode_length=max_decode_length, eos_id=eos,
-                                      temperature=temperature if decode == "sample" else 0.0, top_k=top_k,
-                                      top_p=top_p, rng=rng)
+    def run(p, base, batch, rng):
+        fns = model.decode_fns(trainer.module(p, base), batch, max_decode_length)
+        return decoding.generate(fns, max_decode_length=max_decode_length, eos_id=eos, method=decode,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, num_beams=num_beams,
+                                 alpha=alpha)
 
-    compiled = jax.jit(lambda p, tokens, rng: decode_fn(trainer.module(p), tokens, rng))
+    compiled = jax.jit(run)
     results = []
     for start, chunk in _batches(examples, batch_size):
-        tokens = _pad([_ids(ex, "inputs", "input_ids", vocabulary, input_length) for ex in chunk], batch_size,
-                      input_length)
+        inputs = [token_ids(ex, "inputs", "input_ids", vocabulary, input_length, inputs_add_eos) for ex in chunk]
+        batch = _global(trainer, model.inference_batch(inputs, None, lengths, batch_size))
         with trainer.partitioner.axis_rules():
-            out = np.asarray(compiled(params, tokens, jax.random.fold_in(jax.random.key(seed), start)))
-        for example, row in zip(chunk, out):
+            out = compiled(params, trainer.base_params, batch, jax.random.fold_in(jax.random.key(seed), start))
+        for example, row in zip(chunk, _gather(out)):
             ids = row.tolist()
             ids = ids[:ids.index(eos)] if eos in ids else ids
             results.append({**example, "prediction": vocabulary.decode(ids), "prediction_ids": ids})
@@ -80,23 +100,23 @@ def generate_examples(trainer: Trainer, params, examples: Sequence[dict], vocabu
 
 
 def score_examples(trainer: Trainer, params, examples: Sequence[dict], vocabulary, *, input_length: int,
-                   target_length: int, batch_size: int = 8) -> list[dict]:
-    """Returns each example with `log_likelihood` (nats) of its `targets` / `target_ids` added."""
+                   target_length: int, batch_size: int = 8, inputs_add_eos: bool = True,
+                   targets_add_eos: bool = True) -> list[dict]:
+    """Returns each example with `log_likelihood` (nats, summed over the target tokens the model scores) of its
+    `targets` / `target_ids` given its `inputs` / `input_ids` (`trainer.model.score`).
+
+    inputs_add_eos / targets_add_eos: append EOS to text inputs / targets (the task's features' `add_eos`).
+    """
+    lengths = {"inputs": input_length, "targets": target_length}
     results = []
     for _, chunk in _batches(examples, batch_size):
         if any("targets" not in ex and "target_ids" not in ex for ex in chunk):
             raise config_lib.ConfigError("--mode=score needs 'targets' (text) or 'target_ids' in every line.")
-        targets = [_ids(ex, "targets", "target_ids", vocabulary, target_length) for ex in chunk]
-        target_tokens = _pad(targets, batch_size, target_length)
-        batch = {
-            "encoder_input_tokens": _pad([_ids(ex, "inputs", "input_ids", vocabulary, input_length)
-                                          for ex in chunk], batch_size, input_length),
-            "decoder_target_tokens": target_tokens,
-            "decoder_input_tokens": np.pad(target_tokens[:, :-1], ((0, 0), (1, 0))),
-            "decoder_loss_weights": (target_tokens > 0).astype(np.int32),
-        }
-        batch = pipeline.to_global(batch, trainer.partitioner.batch_sharding, host_local=False)
-        scores = np.asarray(trainer.score(params, batch))
+        inputs = [token_ids(ex, "inputs", "input_ids", vocabulary, input_length, inputs_add_eos) for ex in chunk]
+        targets = [token_ids(ex, "targets", "target_ids", vocabulary, target_length, targets_add_eos)
+                   for ex in chunk]
+        batch = _global(trainer, trainer.model.inference_batch(inputs, targets, lengths, batch_size))
+        scores = _gather(trainer.score(params, batch))
         results.extend({**ex, "log_likelihood": float(s)} for ex, s in zip(chunk, scores))
     return results
 

@@ -3,6 +3,11 @@
 The train state is a plain dict pytree `{"step", "params", "opt_state"}` (easy for orbax and for shardings).
 Parameters are an nnx pure dict; inside each jitted function the module is rebuilt with `nnx.merge`, so the
 compiled step is a pure function of (state, batch) with explicit in/out shardings and a donated state.
+
+Parameter-efficient tuning (`peft`, an `itjax.peft` method): the module is the model plus the method's surgery;
+`state["params"]` holds only the adapter (`AdapterParam`s: gradients and optimizer state exist for nothing else)
+and the frozen base weights live in `trainer.base_params`, passed to every jitted function as a separate,
+non-donated argument with its own shardings.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from flax import nnx
 
 from itjax import losses
 from itjax.partitioning import Partitioner, logical_axes_of
+from itjax.peft import core as peft_core
 
 TrainState = dict  # {"step": int32 [], "params": pure dict, "opt_state": optax state}
 
@@ -33,20 +39,32 @@ class Trainer:
       num_microbatches: gradient accumulation: the global batch is split into this many microbatches whose
         gradients are summed (a `lax.scan`), giving the same update as the full batch.
       seed: parameter-initialisation seed; the dropout key is derived from it too.
+      peft: an `itjax.peft` method (LoRA(), PromptTuning(), ...): train only its adapter on a frozen base.
     """
 
     def __init__(self, model, optimizer: optax.GradientTransformation, partitioner: Partitioner, *,
-                 learning_rate_fn: Callable | float | None = None, num_microbatches: int = 1, seed: int = 0):
+                 learning_rate_fn: Callable | float | None = None, num_microbatches: int = 1, seed: int = 0,
+                 peft: peft_core.PeftMethod | None = None):
         self.model = model
         self.optimizer = optimizer
         self.partitioner = partitioner
         self.num_microbatches = num_microbatches
         self.seed = seed
+        self.peft = peft
         self._learning_rate_fn = learning_rate_fn
         self._dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
+        self.base_params = None  # peft only: the frozen weights (see init_base_params / checkpoints)
 
-        abstract = model.abstract_module(seed)
-        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        if peft is None:
+            self.graphdef, abstract_params = nnx.split(model.abstract_module(seed), nnx.Param)
+            self.base_shardings, self.abstract_base_params = None, None
+        else:
+            abstract = nnx.eval_shape(lambda: self._peft_module(model.make_module(seed)))
+            self.graphdef, abstract_params, abstract_base = nnx.split(abstract, peft_core.AdapterParam, nnx.Param)
+            self.base_shardings = partitioner.param_shardings(logical_axes_of(abstract_base))
+            self.abstract_base_params = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract_base),
+                self.base_shardings)
         param_axes = logical_axes_of(abstract_params)
         abstract_params = nnx.to_pure_dict(abstract_params)
         self.param_shardings = partitioner.param_shardings(param_axes)
@@ -67,18 +85,80 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- state
     @property
-    def num_params(self) -> int:
+    def num_trainable_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state["params"]))
 
-    def init_state(self) -> TrainState:
-        """Freshly initialised parameters and optimizer state, created directly in their shardings."""
-        def init():
-            params = nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
-        return jax.jit(init, out_shardings=self.state_shardings)()
+    @property
+    def num_params(self) -> int:
+        """All parameters of the model (with peft: adapter + frozen base)."""
+        base = jax.tree.leaves(self.abstract_base_params) if self.peft is not None else []
+        return self.num_trainable_params + sum(int(np.prod(x.shape)) for x in base)
 
-    def module(self, params) -> nnx.Module:
-        return nnx.merge(self.graphdef, nnx.State(params))
+    @property
+    def optimizer_state_bytes(self) -> int:
+        """Global size of the optimizer state (all devices together)."""
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(self.abstract_state["opt_state"]))
+
+    def summary(self) -> str:
+        """One line for the start-of-run log: parameter counts and optimizer-state size."""
+        opt = f"optimizer state {self.optimizer_state_bytes / 2**20:,.2f} MiB"
+        if self.peft is None:
+            return f"Model: {self.num_params:,} parameters, all trainable; {opt}."
+        share = 100.0 * self.num_trainable_params / max(self.num_params, 1)
+        return (f"Model: {self.num_params:,} parameters, {self.num_trainable_params:,} trainable ({share:.4f}%, "
+                f"{self.peft!r}); {opt}.")
+
+    def _peft_module(self, module: nnx.Module) -> nnx.Module:
+        """The method's surgery with its own key stream, so the base weights do not depend on the adapter."""
+        return self.peft.apply(module, nnx.Rngs(params=jax.random.fold_in(jax.random.key(self.seed), 2)))
+
+    def init_base_params(self):
+        """peft: freshly initialised base weights (the plain model's, from `seed`), in their shardings."""
+        def init():
+            return nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
+        return jax.jit(init, out_shardings=self.base_shardings)()
+
+    def init_state(self) -> TrainState:
+        """Freshly initialised parameters and optimizer state, created directly in their shardings.
+
+        With peft the parameters are the adapter, initialised on top of `self.base_params` (fresh from `seed`
+        when unset): some initialisations read base weights (prompt tuning's sampled vocabulary embeddings).
+        """
+        if self.peft is None:
+            def init():
+                params = nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
+                return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+            return jax.jit(init, out_shardings=self.state_shardings)()
+        if self.base_params is None:
+            self.base_params = self.init_base_params()
+
+        def init_adapter(base):
+            module = self.model.make_module(self.seed)  # random base values are dead code: XLA drops them
+            state = nnx.state(module, nnx.Param)
+            nnx.replace_by_pure_dict(state, base)
+            nnx.update(module, state)
+            params = nnx.to_pure_dict(nnx.split(self._peft_module(module), peft_core.AdapterParam, nnx.Param)[1])
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+        return jax.jit(init_adapter, in_shardings=(self.base_shardings,),
+                       out_shardings=self.state_shardings)(self.base_params)
+
+    def module(self, params, base=None) -> nnx.Module:
+        """The model with `params` (with peft: the adapter, on `base`, default `self.base_params`)."""
+        if self.peft is None:
+            return nnx.merge(self.graphdef, nnx.State(params))
+        base = self.base_params if base is None else base
+        if base is None:
+            raise ValueError("Trainer.module: this PEFT trainer has no base weights yet; set trainer.base_params "
+                             "(init_base_params() or itjax.checkpoints.restore_peft_base).")
+        return nnx.merge(self.graphdef, nnx.State(params), nnx.State(base))
+
+    def _base(self):
+        """The extra, non-donated argument of every jitted function: the frozen base (None without peft)."""
+        if self.peft is not None and self.base_params is None:
+            raise ValueError("Trainer: set trainer.base_params before running a PEFT model (init_base_params() "
+                             "or itjax.checkpoints.restore_peft_base).")
+        return self.base_params
 
     # ----------------------------------------------------------------------------------------------- train
     def _batch_shardings(self, batch: Mapping[str, Any]):
@@ -87,7 +167,8 @@ class Trainer:
     def _jitted_train_step(self, batch: Mapping[str, Any]):
         if self._train_step is None:
             self._train_step = jax.jit(
-                self._train_step_impl, in_shardings=(self.state_shardings, self._batch_shardings(batch)),
+                self._train_step_impl,
+                in_shardings=(self.state_shardings, self._batch_shardings(batch), self.base_shardings),
                 out_shardings=(self.state_shardings, self.partitioner.replicated), donate_argnums=(0,))
         return self._train_step
 
@@ -95,24 +176,27 @@ class Trainer:
         """One optimizer update on a global batch. Returns (new state, scalar metrics)."""
         step = self._jitted_train_step(batch)
         with self.partitioner.axis_rules():
-            return step(state, batch)
+            return step(state, batch, self._base())
 
     def compile_train_step(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]):
         """Lowers and compiles the train step for abstract shapes only (no weights allocated): the dry run."""
         step = self._jitted_train_step(abstract_batch)
         with self.partitioner.axis_rules():
-            return step.lower(self.abstract_state, abstract_batch).compile()
+            return step.lower(self.abstract_state, abstract_batch, self.abstract_base_params).compile()
 
-    def _train_step_impl(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    def _train_step_impl(self, state: TrainState, batch: Mapping[str, jax.Array], base=None):
         weights, divisor = losses.normalized_weights_and_factor(
             batch["decoder_loss_weights"], batch.get("decoder_segment_ids"), self.model.loss_normalizing_factor)
         batch = dict(batch, _weights=weights)
         step_key = jax.random.fold_in(self._dropout_key, state["step"])
         dropout = getattr(self.model.config, "dropout_rate", 0.0) > 0
+        adapter_dropout = self.peft is not None and self.peft.dropout_rate > 0
 
         def loss_fn(params, microbatch, key):
-            terms = self.model.loss_terms(self.module(params), microbatch, microbatch["_weights"],
-                                          dropout_rng=key if dropout else None)
+            # Gradients are taken w.r.t. `params` only: with peft the adapter; `base` is a constant here.
+            with peft_core.adapter_dropout(jax.random.fold_in(key, 2) if adapter_dropout else None):
+                terms = self.model.loss_terms(self.module(params, base), microbatch, microbatch["_weights"],
+                                              dropout_rng=key if dropout else None)
             return terms["loss_sum"] / divisor, terms
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -155,32 +239,35 @@ class Trainer:
     def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict:
         """Teacher-forced sums over a batch: loss (mean over real target tokens when divided), correct, tokens."""
         if self._eval_step is None:
-            def impl(params, batch):
+            def impl(params, batch, base):
                 weights = (batch["decoder_loss_weights"] > 0).astype(jnp.float32)
-                return self.model.loss_terms(self.module(params), batch, weights)
-            self._eval_step = jax.jit(impl, in_shardings=(self.param_shardings, self._batch_shardings(batch)),
+                return self.model.loss_terms(self.module(params, base), batch, weights)
+            self._eval_step = jax.jit(impl, in_shardings=self._in_shardings(batch),
                                       out_shardings=self.partitioner.replicated)
         with self.partitioner.axis_rules():
-            return self._eval_step(params, batch)
+            return self._eval_step(params, batch, self._base())
+
+    def _in_shardings(self, batch):
+        """in_shardings of (params, batch, base) for the eval / predict / score functions."""
+        return (self.param_shardings, self._batch_shardings(batch), self.base_shardings)
 
     def predict(self, params, batch: Mapping[str, jax.Array], max_decode_length: int, eos_id: int = 1) -> jax.Array:
         """Greedy decoding: [batch, max_decode_length] token ids."""
         if max_decode_length not in self._predict:
             fn = functools.partial(self._predict_impl, max_decode_length=max_decode_length, eos_id=eos_id)
-            self._predict[max_decode_length] = jax.jit(
-                fn, in_shardings=(self.param_shardings, self._batch_shardings(batch)),
-                out_shardings=self.partitioner.batch_sharding(2))
+            self._predict[max_decode_length] = jax.jit(fn, in_shardings=self._in_shardings(batch),
+                                                       out_shardings=self.partitioner.batch_sharding(2))
         with self.partitioner.axis_rules():
-            return self._predict[max_decode_length](params, batch)
+            return self._predict[max_decode_length](params, batch, self._base())
 
-    def _predict_impl(self, params, batch, *, max_decode_length, eos_id):
-        return self.model.predict(self.module(params), batch, max_decode_length, eos_id)
+    def _predict_impl(self, params, batch, base, *, max_decode_length, eos_id):
+        return self.model.predict(self.module(params, base), batch, max_decode_length, eos_id)
 
     def score(self, params, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Per-example target log-likelihood [batch] (nats)."""
         if self._score is None:
-            self._score = jax.jit(lambda p, b: self.model.score(self.module(p), b),
-                                  in_shardings=(self.param_shardings, self._batch_shardings(batch)),
+            self._score = jax.jit(lambda p, b, base: self.model.score(self.module(p, base), b),
+                                  in_shardings=self._in_shardings(batch),
                                   out_shardings=self.partitioner.batch_sharding(1))
         with self.partitioner.axis_rules():
-            return self._score(params, batch)
+            return self._score(params, batch, self._base())

@@ -18,7 +18,8 @@ import numpy as np
 from itjax import config as config_lib
 from itjax import dry_run as dry_run_lib
 from itjax import optimizers  # noqa: F401  (registers gin configurables)
-from itjax.checkpoints import Checkpointer, restore_initial_params
+from itjax import peft as peft_lib  # noqa: F401  (registers the peft gin configurables)
+from itjax.checkpoints import Checkpointer, restore_initial_params, restore_peft_base
 from itjax.data import pipeline
 from itjax.evaluation import Evaluation, MetricsWriter, format_table
 from itjax.models import encoder_decoder  # noqa: F401  (registers gin configurables)
@@ -52,8 +53,8 @@ def _check_vocabulary(task, model) -> None:
         if size > model.config.vocab_size:
             raise config_lib.ConfigError(
                 f"feature {name!r} of {task.name!r} uses a vocabulary of {size} ids but the model's "
-                f"T5Config.vocab_size is {model.config.vocab_size}; set T5Config.vocab_size >= {size} in the model "
-                "gin file (T5 rounds it up to a multiple of 128).")
+                f"{type(model.config).__name__}.vocab_size is {model.config.vocab_size}; set it >= {size} in the "
+                "model gin file (T5 and Llama round it up to a multiple of 128).")
 
 
 @gin.configurable(denylist=["progress", "dry_run"])
@@ -65,7 +66,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           keep_checkpoints: int | None = 3, async_checkpointing: bool = True, eval_period: int = 1000,
           eval_split: str = "validation", eval_batch_size: int | None = None, eval_num_examples: int | None = None,
           max_decode_length: int | None = None, log_period: int = 20, initial_checkpoint_path: str | None = None,
-          progress: bool = True, dry_run: bool = False) -> dict:
+          peft=None, progress: bool = True, dry_run: bool = False) -> dict:
     """Trains, checkpoints and evaluates; returns the last evaluation's {task: metrics}.
 
     Args:
@@ -87,6 +88,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       log_period: steps between train-metric lines (also how often the loss is checked for NaN).
       initial_checkpoint_path: start from these weights (an `itjax.convert` output folder) instead of a random
         initialisation; ignored when MODEL_DIR already has a checkpoint (the run resumes from that).
+      peft: a parameter-efficient method (gin/peft/*.gin: @LoRA(), @PromptTuning(), @PrefixTuning(), @IA3()):
+        only its adapter is trained and checkpointed; the frozen base is `initial_checkpoint_path` (or, without
+        one, initialised from `random_seed`).
     """
     partitioner = partitioner or Partitioner()
     task = pipeline.get_mixture_or_task(mixture_or_task_name)
@@ -99,9 +103,11 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     _check_vocabulary(task, model)
     log.info("Mesh %s, %d devices, %d process(es).", dict(partitioner.mesh.shape), jax.device_count(),
              jax.process_count())
-    trainer = Trainer(model, optimizer, partitioner, learning_rate_fn=learning_rate_fn,
+    if peft is not None:
+        peft.check(task_feature_lengths, pack, task)
+    trainer = Trainer(model, optimizer, partitioner, learning_rate_fn=learning_rate_fn, peft=peft,
                       num_microbatches=num_microbatches, seed=random_seed)
-    log.info("Model: %s parameters.", f"{trainer.num_params:,}")
+    log.info(trainer.summary())
     if dry_run:
         figures = dry_run_lib.report(trainer, task_feature_lengths, batch_size, pack)
         print(dry_run_lib.format_report(figures), flush=True)
@@ -110,12 +116,17 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     checkpointer = Checkpointer(model_dir, checkpoint_period, keep_checkpoints, async_checkpointing)
     latest = checkpointer.latest_step()
     if latest is None:
-        state = trainer.init_state()
         start_step = 0
-        if initial_checkpoint_path:
+        if peft is not None:
+            checkpointer.base_pointer = restore_peft_base(trainer, initial_checkpoint_path)
+        state = trainer.init_state()  # with peft: the adapter, on the base just loaded
+        if initial_checkpoint_path and peft is None:
             state["params"] = restore_initial_params(initial_checkpoint_path, trainer.abstract_state["params"])
             log.info("Initial weights from %s.", initial_checkpoint_path)
     else:
+        if peft is not None:
+            checkpointer.base_pointer = restore_peft_base(trainer, initial_checkpoint_path,
+                                                          checkpointer.saved_base_pointer(latest))
         state, position = checkpointer.restore(latest, trainer.abstract_state)
         start_step = int(state["step"])
         log.info("Restored checkpoint at step %d from %s.", start_step, checkpointer.directory)

@@ -29,7 +29,7 @@ from itjax.conversion import folders  # noqa: E402
 from itjax.conversion import llama as llama_conversion  # noqa: E402
 from itjax.conversion.safetensors_io import HF_INDEX_FILE, HF_SINGLE_FILE  # noqa: E402
 from itjax.models.llama import Llama  # noqa: E402
-from itjax.models.llama_decoding import greedy_generate  # noqa: E402
+from itjax.models.decoding import greedy_generate  # noqa: E402
 
 VOCAB, LENGTH, NEW_TOKENS = 128, 12, 8
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

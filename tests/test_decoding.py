@@ -1,4 +1,5 @@
-"""Tests for itjax.models.decoding: the cached greedy decoder against a naive full-recompute loop."""
+"""Tests for itjax.models.decoding with T5: the cached greedy decoder against a naive full-recompute loop (the Llama
+family: tests/test_decoding_search.py, tests/test_llama_parity.py)."""
 
 import dataclasses
 
@@ -65,14 +66,14 @@ def reference(model, encoder_inputs):
 
 def test_cached_greedy_matches_naive_loop(model, encoder_inputs, reference):
     assert len(np.unique(reference)) >= 4, "degenerate test model: outputs are (almost) all one token"
-    tokens = greedy_decode(model, encoder_inputs, max_decode_length=MAX_LENGTH, eos_id=NO_EOS)
+    tokens = jit_greedy_decode(model, encoder_inputs, max_decode_length=MAX_LENGTH, eos_id=NO_EOS)
     assert tokens.shape == (3, MAX_LENGTH) and tokens.dtype == jnp.int32
     np.testing.assert_array_equal(tokens, reference)
 
 
 def test_decode_step_logits_match_teacher_forcing(model, encoder_inputs):
     decoder_inputs = jax.random.randint(jax.random.key(2), (3, 6), 1, CONFIG.vocab_size, dtype=jnp.int32)
-    expected = model(encoder_inputs, decoder_inputs)
+    expected = nnx.jit(lambda m, enc, dec: m(enc, dec))(model, encoder_inputs, decoder_inputs)
     cache = model.init_decode_cache(model.encode(encoder_inputs), encoder_inputs, max_decode_length=8)
     decode_step = nnx.jit(lambda m, tokens, position, cache: m.decode_step(tokens, position, cache))
     for t in range(decoder_inputs.shape[1]):
@@ -104,7 +105,9 @@ def test_loop_ends_when_every_row_has_finished(model, encoder_inputs, reference)
 
     eos_id = int(reference[0, 2])
     first_hit = int(np.flatnonzero(reference[0] == eos_id)[0])
-    tokens = greedy_decode(CountingModel(), encoder_inputs[:1], max_decode_length=MAX_LENGTH, eos_id=eos_id)
+    counting = CountingModel()
+    tokens = jax.jit(lambda enc: greedy_decode(counting, enc, max_decode_length=MAX_LENGTH, eos_id=eos_id))(
+        encoder_inputs[:1])
     jax.effects_barrier()
     assert len(steps) == first_hit + 1
     np.testing.assert_array_equal(tokens, truncate_after_eos(reference[:1], eos_id))

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 from itjax.conversion.llama import hf_config_from_llama, llama_config_from_hf, params_from_hf_state_dict  # noqa: E402
 from itjax.models.llama import Llama, LlamaConfig  # noqa: E402
-from itjax.models.llama_decoding import greedy_generate  # noqa: E402
+from itjax.models.decoding import greedy_generate  # noqa: E402
 from itjax.partitioning import STANDARD_2D_RULES, Partitioner, logical_axes_of  # noqa: E402
 
 GIN_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "gin", "models")

@@ -20,5 +20,8 @@ def test_wheel_ships_gin_files_and_quickstart_data(tmp_path):
     for gin_file in ("quickstart.gin", "runs/train.gin", "models/t5_1_1_quickstart.gin", "partitioning/fsdp.gin"):
         assert f"itjax/_gin/{gin_file}" in names
     assert "itjax/tasks/quickstart.py" in names
+    for module in ("itjax/conversion/__init__.py", "itjax/peft/__init__.py", "itjax/data/feature_converters.py",
+                   "itjax/_gin/quickstart_decoder.gin"):
+        assert module in names
     assert "itjax/tasks/data/quickstart/spm.model" in names
     assert "itjax/tasks/data/quickstart/task9001_copy_words.json" in names

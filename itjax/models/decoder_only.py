@@ -1,7 +1,8 @@
 """DecoderOnlyModel: what the trainer needs from a Llama-family model (T5X's `DecoderOnlyModel` idea).
 
 Same interface as `EncoderDecoderModel` (make_module, abstract_module, loss_terms, predict, score,
-feature_converter_cls), over the rows of `itjax.data.feature_converters.DecoderFeatureConverter`:
+feature_converter_cls, and for `itjax.inference`: decode_fns, inference_batch), over the rows of
+`itjax.data.feature_converters.DecoderFeatureConverter`:
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` (0 on prompt tokens),
 `decoder_causal_attention` (1 on the prompt), `decoder_segment_ids` (0 = padding) and `decoder_positions`,
 all int32 [batch, length]. Position t of a row predicts its token t + 1, so the loss, the teacher-forced accuracy
@@ -11,17 +12,18 @@ and `score` only count target tokens, and `predict` continues each row's prompt.
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from itjax import losses
 from itjax.data.feature_converters import DecoderFeatureConverter
+from itjax.models import decoding
 from itjax.models.llama import Llama, LlamaConfig
-from itjax.models.llama_decoding import greedy_generate
 
 Batch = Mapping[str, jax.Array]
 
@@ -80,17 +82,52 @@ class DecoderOnlyModel:
             "tokens": jnp.sum(real),
         }
 
-    def predict(self, module: Llama, batch: Batch, max_decode_length: int, eos_id: int = 1) -> jax.Array:
-        """Greedy continuation of each row's prompt with a KV cache: [batch, max_decode_length] (0 after EOS).
+    @staticmethod
+    def decode_fns(module: Llama, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
+        """Continuation of each row's prompt: the `decoder_causal_attention` tokens of `decoder_input_tokens`
+        (BOS + inputs; any padding side); a row without one starts from its first token."""
+        tokens = batch["decoder_input_tokens"]
+        mask = batch["decoder_causal_attention"] > 0
+        first = jnp.arange(tokens.shape[1])[None, :] == 0
+        mask = mask | (first & ~jnp.any(mask, axis=1, keepdims=True))
+        return decoding.llama_decode_fns(module, jnp.where(mask, tokens, 0), mask, max_decode_length)
 
-        The prompt is the `decoder_causal_attention` part of `decoder_input_tokens` (BOS + inputs); a row
-        without one starts from its first input token.
+    def predict(self, module: Llama, batch: Batch, max_decode_length: int, eos_id: int = 1) -> jax.Array:
+        """Greedy continuation of each row's prompt with a KV cache: [batch, max_decode_length] (0 after EOS)."""
+        return decoding.greedy(self.decode_fns(module, batch, max_decode_length), max_decode_length=max_decode_length,
+                               eos_id=eos_id)
+
+    def inference_batch(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | None,
+                        lengths: Mapping[str, int], batch_size: int) -> dict[str, np.ndarray]:
+        """Unpacked rows of `DecoderFeatureConverter` for generation (targets None) or scoring.
+
+        inputs / targets: token ids per example (EOS already appended where the task's features want it); they
+        are cut to lengths['inputs'] / lengths['targets'], the prompt is [bos_id] + inputs (no EOS added here).
+        Returns int32 [batch_size, inputs + targets length] arrays; rows past len(inputs) are padding. For
+        generation a row holds the whole prompt, marked by decoder_causal_attention.
         """
-        prompt_mask = batch["decoder_causal_attention"] > 0
-        lengths = jnp.maximum(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32), 1)
-        prompt = jnp.where(jnp.arange(prompt_mask.shape[1])[None, :] < lengths[:, None],
-                           batch["decoder_input_tokens"], 0)
-        return greedy_generate(module, prompt, lengths, max_new_tokens=max_decode_length, eos_id=eos_id)
+        prompt_length, target_length = lengths.get("inputs", 0), lengths["targets"]
+        width = prompt_length + target_length
+        bos = [] if self.bos_id is None else [self.bos_id]
+        rows = {name: np.zeros((batch_size, width), np.int32) for name in DecoderFeatureConverter.MODEL_FEATURES}
+        for i, ids in enumerate(inputs):
+            prompt = bos + list(ids)[:prompt_length]
+            response = list(targets[i])[:target_length] if targets is not None else []
+            sequence = prompt + response
+            if response:
+                n = len(sequence) - 1
+                row_inputs, row_targets = sequence[:-1], sequence[1:]
+                weights = ([0] * len(prompt) + [1] * len(response))[1:]
+            else:  # generation: every prompt token is an input
+                n = len(prompt)
+                row_inputs, row_targets, weights = prompt, prompt[1:] + [0], [0] * n
+            rows["decoder_input_tokens"][i, :n] = row_inputs
+            rows["decoder_target_tokens"][i, :n] = row_targets
+            rows["decoder_loss_weights"][i, :n] = weights
+            rows["decoder_causal_attention"][i, :n] = np.arange(n) < len(prompt)
+            rows["decoder_segment_ids"][i, :n] = 1
+            rows["decoder_positions"][i, :n] = np.arange(n)
+        return rows
 
     def score(self, module: Llama, batch: Batch) -> jax.Array:
         """Log-likelihood of each row's target tokens: [batch] float32 (nats, summed over loss-weighted tokens)."""

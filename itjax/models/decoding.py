@@ -1,27 +1,86 @@
-"""Autoregressive decoding for the encoder-decoder models with a functional key/value cache.
+"""Autoregressive decoding for both model families: greedy, sampling and beam search, written once.
 
-The encoder runs once, the cross-attention keys / values are computed once, and the decoder advances one token
-per `jax.lax.while_loop` iteration, reading and writing self-attention keys / values in arrays
-[batch, max_decode_length, heads, kv] carried by the loop (`itjax.models.t5.DecodeCache`). Everything is
-jittable: jit a function that merges the model from its state and calls the decoder here.
+A model family plugs in through `DecodeFns`, two pure functions over a batch of prompts:
+
+    start()                      -> (logits [batch, vocab] float32 of generated token 0, carry)
+    step(tokens, index, carry)   -> (logits [batch, vocab] float32 of generated token index + 1, carry)
+
+where `tokens` [batch] int32 are the generated tokens number `index` (a scalar int32) and `carry` is any pytree
+whose every leaf has the batch as its leading axis (key / value caches, per-row positions), so beam search can
+repeat it per beam and reorder it with one gather. The encoder-decoder adapter (`t5_decode_fns`) encodes once
+and feeds the start token at decoder position 0; the decoder-only adapter (`llama_decode_fns`) prefills left- or
+right-padded prompts and continues each row at its own rotary position.
+
+The loops run in `jax.lax.while_loop` with static lengths and stop as soon as every row (or every beam search
+row) is done; everything is jittable (jit a function that merges the model from its state and calls them).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from itjax.models.t5 import T5, DecodeCache
+from itjax.models.llama import Llama
+from itjax.models.t5 import T5
+
+NEG_INF = -1e30  # score of an empty / impossible hypothesis (finite: arithmetic on it stays well defined)
 
 
-class _GreedyState(NamedTuple):
-    position: jax.Array  # scalar int32, the decoder position being fed
-    last_tokens: jax.Array  # [batch] int32, the tokens at `position`
-    cache: DecodeCache
-    tokens: jax.Array  # [batch, max_decode_length] int32, generated so far (0 elsewhere)
-    done: jax.Array  # [batch] bool, True once the row has emitted EOS
+class DecodeFns(NamedTuple):
+    """How to decode one batch of prompts with one model (see the module docstring)."""
+
+    start: Callable[[], tuple[jax.Array, Any]]
+    step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model adapters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def t5_decode_fns(model: T5, encoder_input_tokens: jax.Array, max_decode_length: int) -> DecodeFns:
+    """Encoder-decoder: encoder_input_tokens int32 [batch, l_in] (0 = padding, unpacked); the carry is the
+    `t5.DecodeCache` (self-attention keys / values for max_decode_length positions, cross keys / values)."""
+
+    def start():
+        batch = encoder_input_tokens.shape[0]
+        encoded = model.encode(encoder_input_tokens)
+        cache = model.init_decode_cache(encoded, encoder_input_tokens, max_decode_length)
+        first = jnp.full((batch,), model.config.decoder_start_token_id, jnp.int32)
+        return model.decode_step(first, jnp.zeros((), jnp.int32), cache)
+
+    def step(tokens, index, cache):
+        # Generated token `index` sits at decoder position index + 1 (position 0 holds the start token).
+        return model.decode_step(tokens, index + 1, cache)
+
+    return DecodeFns(start, step)
+
+
+def llama_decode_fns(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                     max_decode_length: int) -> DecodeFns:
+    """Decoder-only: prompt_tokens int32 [batch, l], prompt_mask bool [batch, l] True at real prompt tokens (left,
+    right or no padding; each row's real tokens contiguous, at least one). The carry is (`llama.DecodeCache` of
+    l + max_decode_length slots, rotary position [batch] int32 of the next token to feed)."""
+
+    def start():
+        cache = model.init_decode_cache(prompt_tokens.shape[0], prompt_tokens.shape[1] + max_decode_length)
+        logits, positions, cache = model.prefill(prompt_tokens, prompt_mask, cache)
+        return logits, (cache, positions)
+
+    def step(tokens, index, carry):
+        del index  # each row has its own position, carried
+        cache, positions = carry
+        logits, cache = model.decode_step(tokens, positions, cache)
+        return logits, (cache, positions + 1)
+
+    return DecodeFns(start, step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Greedy and sampling
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -36,131 +95,128 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
         logits = jnp.where(logits < kth, masked, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
         # Probability mass of the tokens strictly more likely than each sorted token.
-        before = cumulative - jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
         cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, masked, logits)
     return logits
 
 
-def greedy_decode(
-    model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int, eos_id: int = 1
-) -> jax.Array:
-    """Greedy (argmax) decoding: `sample_decode` with temperature 0. Returns [batch, max_decode_length]."""
-    return sample_decode(model, encoder_input_tokens, max_decode_length=max_decode_length, eos_id=eos_id)
+class _SampleState(NamedTuple):
+    index: jax.Array  # scalar int32, the generated token to choose next
+    last_tokens: jax.Array  # [batch] int32, generated token index - 1
+    carry: Any
+    tokens: jax.Array  # [batch, max_decode_length] int32, generated so far (0 elsewhere)
+    done: jax.Array  # [batch] bool, True once the row has emitted EOS
 
 
-def sample_decode(
-    model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int, eos_id: int = 1,
-    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
-) -> jax.Array:
+def sample(fns: DecodeFns, *, max_decode_length: int, eos_id: int | jax.Array, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None) -> jax.Array:
     """Greedy (temperature 0) or sampled decoding with temperature, top-k and nucleus (top-p) filtering.
 
     Args:
-      model: the T5 model (decoding is deterministic: no dropout).
-      encoder_input_tokens: int32 [batch, l_in], 0 = padding (no packing).
-      max_decode_length: maximum number of generated tokens (static).
-      eos_id: end-of-sequence token id.
+      fns: the model and prompts (`t5_decode_fns`, `llama_decode_fns`).
+      max_decode_length: maximum number of generated tokens (static, >= 1).
+      eos_id: end-of-sequence token id (may be traced).
       temperature: 0 = argmax; otherwise logits are divided by it before sampling.
       top_k, top_p: filters applied before sampling (see filter_logits); ignored for temperature 0.
-      rng: PRNG key, required when temperature > 0.
+      rng: PRNG key, required when temperature > 0; token i is drawn with `fold_in(rng, i)`.
 
     Returns:
-      int32 [batch, max_decode_length]: generated tokens without the start token, EOS included, 0 after EOS.
-      The loop stops as soon as every row has emitted EOS.
+      int32 [batch, max_decode_length]: generated tokens, EOS included, 0 after EOS. The model runs once per
+      generated token except the last, and not at all once every row has emitted EOS.
     """
     if temperature > 0 and rng is None:
-        raise ValueError("sample_decode: temperature > 0 needs a PRNG key (rng=jax.random.key(seed)).")
-    batch = encoder_input_tokens.shape[0]
-    encoded = model.encode(encoder_input_tokens)
-    start = jnp.full((batch,), model.config.decoder_start_token_id, jnp.int32)
-    initial = _GreedyState(
-        position=jnp.zeros((), jnp.int32),
-        last_tokens=start,
-        cache=model.init_decode_cache(encoded, encoder_input_tokens, max_decode_length),
-        tokens=jnp.zeros((batch, max_decode_length), jnp.int32),
-        done=jnp.zeros((batch,), jnp.bool_),
-    )
+        raise ValueError("decoding.sample: temperature > 0 needs a PRNG key (rng=jax.random.key(seed)).")
+    if max_decode_length < 1:
+        raise ValueError(f"decoding: max_decode_length={max_decode_length}; expected >= 1.")
 
-    def not_finished(state: _GreedyState) -> jax.Array:
-        return (state.position < max_decode_length) & ~jnp.all(state.done)
-
-    def step(state: _GreedyState) -> _GreedyState:
-        logits, cache = model.decode_step(state.last_tokens, state.position, state.cache)
+    def choose(logits, index, done):
         if temperature > 0:
-            logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-            chosen = jax.random.categorical(jax.random.fold_in(rng, state.position), logits, axis=-1)
+            logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
+            chosen = jax.random.categorical(jax.random.fold_in(rng, index), logits, axis=-1)
         else:
             chosen = jnp.argmax(logits, axis=-1)
-        next_tokens = jnp.where(state.done, 0, chosen.astype(jnp.int32))
-        return _GreedyState(
-            position=state.position + 1,
-            last_tokens=next_tokens,
-            cache=cache,
-            tokens=state.tokens.at[:, state.position].set(next_tokens),
-            done=state.done | (next_tokens == eos_id),
+        return jnp.where(done, 0, chosen.astype(jnp.int32))
+
+    logits, carry = fns.start()
+    batch = logits.shape[0]
+    first = choose(logits, 0, jnp.zeros((batch,), jnp.bool_))
+    initial = _SampleState(
+        index=jnp.ones((), jnp.int32),
+        last_tokens=first,
+        carry=carry,
+        tokens=jnp.zeros((batch, max_decode_length), jnp.int32).at[:, 0].set(first),
+        done=first == eos_id,
+    )
+
+    def not_finished(state: _SampleState) -> jax.Array:
+        return (state.index < max_decode_length) & ~jnp.all(state.done)
+
+    def body(state: _SampleState) -> _SampleState:
+        logits, carry = fns.step(state.last_tokens, state.index - 1, state.carry)
+        chosen = choose(logits, state.index, state.done)
+        return _SampleState(
+            index=state.index + 1,
+            last_tokens=chosen,
+            carry=carry,
+            tokens=state.tokens.at[:, state.index].set(chosen),
+            done=state.done | (chosen == eos_id),
         )
 
-    return jax.lax.while_loop(not_finished, step, initial).tokens
+    return jax.lax.while_loop(not_finished, body, initial).tokens
+
+
+def greedy(fns: DecodeFns, *, max_decode_length: int, eos_id: int | jax.Array) -> jax.Array:
+    """Greedy (argmax) decoding: `sample` at temperature 0. Returns int32 [batch, max_decode_length]."""
+    return sample(fns, max_decode_length=max_decode_length, eos_id=eos_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Beam search
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class _BeamState(NamedTuple):
-    position: jax.Array  # scalar int32, the decoder position being fed
-    last_tokens: jax.Array  # [batch * beams] int32
-    cache: DecodeCache  # rows of beam k of example b at b * beams + k
+    index: jax.Array  # scalar int32, the number of tokens every alive hypothesis holds
+    carry: Any  # rows of beam k of example b at b * beams + k
     alive_tokens: jax.Array  # [batch, beams, max_decode_length] int32
     alive_scores: jax.Array  # [batch, beams] float32, summed log-probabilities
     finished_tokens: jax.Array  # [batch, beams, max_decode_length] int32
-    finished_scores: jax.Array  # [batch, beams] float32, length-normalised (-inf: empty slot)
+    finished_scores: jax.Array  # [batch, beams] float32, length-normalised (NEG_INF: empty slot)
 
 
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     """T5X / GNMT brevity penalty ((5 + length) / 6) ** alpha; scores are divided by it (alpha 0: none)."""
-    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+    return ((5.0 + jnp.asarray(length).astype(jnp.float32)) / 6.0) ** alpha
 
 
-def beam_search(
-    model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int, num_beams: int = 4,
-    alpha: float = 0.6, eos_id: int = 1,
-) -> tuple[jax.Array, jax.Array]:
+def beam(fns: DecodeFns, *, max_decode_length: int, num_beams: int = 4, alpha: float = 0.6,
+         eos_id: int | jax.Array = 1) -> tuple[jax.Array, jax.Array]:
     """Beam search with a length penalty (T5X's defaults: 4 beams, alpha 0.6).
 
     A hypothesis ends when it emits EOS; its score is its summed log-probability divided by
     length_penalty(number of tokens incl. EOS, alpha). Hypotheses still alive at max_decode_length are ranked
-    the same way. The loop stops early once no alive beam can beat the finished ones.
+    the same way. The loop stops early once no alive beam can beat the finished ones. The prompts are encoded /
+    prefilled once and their carry repeated per beam.
 
-    Args:
-      encoder_input_tokens: int32 [batch, l_in], 0 = padding.
     Returns:
       (tokens int32 [batch, max_decode_length] of the best hypothesis, EOS included and 0 after it,
        scores float32 [batch], its length-normalised log-probability).
     """
-    batch, k = encoder_input_tokens.shape[0], num_beams
-    neg_inf = jnp.float32(-1e30)
-    repeated = jnp.repeat(encoder_input_tokens, k, axis=0)
-    encoded = model.encode(repeated)
-    initial = _BeamState(
-        position=jnp.zeros((), jnp.int32),
-        last_tokens=jnp.full((batch * k,), model.config.decoder_start_token_id, jnp.int32),
-        cache=model.init_decode_cache(encoded, repeated, max_decode_length),
-        alive_tokens=jnp.zeros((batch, k, max_decode_length), jnp.int32),
-        # Only beam 0 is live at the start, so the first step does not pick the same token k times.
-        alive_scores=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (batch, 1)),
-        finished_tokens=jnp.zeros((batch, k, max_decode_length), jnp.int32),
-        finished_scores=jnp.full((batch, k), neg_inf),
-    )
-    best_possible_penalty = length_penalty(jnp.int32(max_decode_length), alpha)
+    if max_decode_length < 1:
+        raise ValueError(f"decoding: max_decode_length={max_decode_length}; expected >= 1.")
+    k = num_beams
+    neg_inf = jnp.float32(NEG_INF)
+    logits, carry = fns.start()
+    batch = logits.shape[0]
+    repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
+    logits, carry = repeat(logits), jax.tree.map(repeat, carry)
 
-    def not_finished(state: _BeamState) -> jax.Array:
-        # Log-probabilities only fall as a hypothesis grows; its best conceivable final score is its current one
-        # divided by the largest penalty.
-        best_alive = state.alive_scores[:, 0] / best_possible_penalty
-        can_improve = best_alive > jnp.min(state.finished_scores, axis=-1)
-        return (state.position < max_decode_length) & jnp.any(can_improve)
-
-    def step(state: _BeamState) -> _BeamState:
-        logits, cache = model.decode_step(state.last_tokens, state.position, state.cache)
+    def expand(state: _BeamState, logits: jax.Array, carry: Any) -> _BeamState:
+        """Extends every alive hypothesis by one token given its next-token logits [batch * k, vocab]."""
+        position = state.index
         vocab = logits.shape[-1]
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(batch, k, vocab)
         candidates = (state.alive_scores[:, :, None] + log_probs).reshape(batch, k * vocab)
@@ -168,39 +224,125 @@ def beam_search(
         top_scores, top_index = jax.lax.top_k(candidates, 2 * k)
         origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
         sequences = jnp.take_along_axis(state.alive_tokens, origin[:, :, None], axis=1)
-        sequences = sequences.at[:, :, state.position].set(token)
+        sequences = sequences.at[:, :, position].set(token)
         is_eos = token == eos_id
 
         # New alive beams: the k best candidates that did not emit EOS.
-        alive_rank = jnp.where(is_eos, neg_inf, top_scores)
-        alive_scores, alive_pick = jax.lax.top_k(alive_rank, k)
+        alive_scores, alive_pick = jax.lax.top_k(jnp.where(is_eos, neg_inf, top_scores), k)
         alive_tokens = jnp.take_along_axis(sequences, alive_pick[:, :, None], axis=1)
         alive_origin = jnp.take_along_axis(origin, alive_pick, axis=1)
         rows = (jnp.arange(batch)[:, None] * k + alive_origin).reshape(-1)
-        cache = jax.tree.map(lambda x: x[rows], cache)
+        carry = jax.tree.map(lambda x: x[rows], carry)
 
         # Finished: merge this step's EOS candidates into the k best so far.
-        new_finished = jnp.where(is_eos, top_scores / length_penalty(state.position + 1, alpha), neg_inf)
+        new_finished = jnp.where(is_eos, top_scores / length_penalty(position + 1, alpha), neg_inf)
         merged_scores = jnp.concatenate([state.finished_scores, new_finished], axis=1)
         merged_tokens = jnp.concatenate([state.finished_tokens, sequences], axis=1)
         finished_scores, finished_pick = jax.lax.top_k(merged_scores, k)
         finished_tokens = jnp.take_along_axis(merged_tokens, finished_pick[:, :, None], axis=1)
+        return _BeamState(position + 1, carry, alive_tokens, alive_scores, finished_tokens, finished_scores)
 
-        return _BeamState(
-            position=state.position + 1,
-            last_tokens=alive_tokens[:, :, state.position].reshape(-1),
-            cache=cache,
-            alive_tokens=alive_tokens,
-            alive_scores=alive_scores,
-            finished_tokens=finished_tokens,
-            finished_scores=finished_scores,
-        )
+    empty = _BeamState(
+        index=jnp.zeros((), jnp.int32),
+        carry=carry,
+        alive_tokens=jnp.zeros((batch, k, max_decode_length), jnp.int32),
+        # Only beam 0 is live at the start, so the first step does not pick the same token k times.
+        alive_scores=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (batch, 1)),
+        finished_tokens=jnp.zeros((batch, k, max_decode_length), jnp.int32),
+        finished_scores=jnp.full((batch, k), neg_inf),
+    )
+    best_possible_penalty = length_penalty(max_decode_length, alpha)
 
-    final = jax.lax.while_loop(not_finished, step, initial)
+    def not_finished(state: _BeamState) -> jax.Array:
+        # Log-probabilities only fall as a hypothesis grows; its best conceivable final score is its current one
+        # divided by the largest penalty.
+        best_alive = state.alive_scores[:, 0] / best_possible_penalty
+        can_improve = best_alive > jnp.min(state.finished_scores, axis=-1)
+        return (state.index < max_decode_length) & jnp.any(can_improve)
+
+    def body(state: _BeamState) -> _BeamState:
+        last = state.alive_tokens[:, :, state.index - 1].reshape(-1)
+        logits, carry = fns.step(last, state.index - 1, state.carry)
+        return expand(state, logits, carry)
+
+    final = jax.lax.while_loop(not_finished, body, expand(empty, logits, carry))
     # Rows with no finished hypothesis fall back to their alive beams, ranked by the same normalised score.
-    alive_normalised = final.alive_scores / length_penalty(final.position, alpha)
+    alive_normalised = final.alive_scores / length_penalty(final.index, alpha)
     scores = jnp.concatenate([final.finished_scores, alive_normalised], axis=1)
     tokens = jnp.concatenate([final.finished_tokens, final.alive_tokens], axis=1)
     best = jnp.argmax(scores, axis=1)
     best_tokens = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
     return best_tokens, jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+
+
+def generate(fns: DecodeFns, *, max_decode_length: int, eos_id: int | jax.Array, method: str = "greedy",
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
+             num_beams: int = 4, alpha: float = 0.6) -> jax.Array:
+    """One entry point for the CLI: method "greedy", "sample" (temperature, top_k, top_p, rng) or "beam"
+    (num_beams, alpha). Returns int32 [batch, max_decode_length] (EOS included, 0 after it)."""
+    if method == "greedy":
+        return greedy(fns, max_decode_length=max_decode_length, eos_id=eos_id)
+    if method == "sample":
+        return sample(fns, max_decode_length=max_decode_length, eos_id=eos_id, temperature=temperature,
+                      top_k=top_k, top_p=top_p, rng=rng)
+    if method == "beam":
+        return beam(fns, max_decode_length=max_decode_length, num_beams=num_beams, alpha=alpha, eos_id=eos_id)[0]
+    raise ValueError(f"decoding.generate: method={method!r}; expected 'greedy', 'sample' or 'beam'.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-family conveniences (the model object plus its usual inputs)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def greedy_decode(model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int,
+                  eos_id: int = 1) -> jax.Array:
+    """T5 greedy decoding of encoder_input_tokens [batch, l_in] -> [batch, max_decode_length]."""
+    return greedy(t5_decode_fns(model, encoder_input_tokens, max_decode_length),
+                  max_decode_length=max_decode_length, eos_id=eos_id)
+
+
+def sample_decode(model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int, eos_id: int = 1,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  rng: jax.Array | None = None) -> jax.Array:
+    """T5 greedy / sampled decoding (see `sample`) -> [batch, max_decode_length]."""
+    return sample(t5_decode_fns(model, encoder_input_tokens, max_decode_length),
+                  max_decode_length=max_decode_length, eos_id=eos_id, temperature=temperature, top_k=top_k,
+                  top_p=top_p, rng=rng)
+
+
+def beam_search(model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int, num_beams: int = 4,
+                alpha: float = 0.6, eos_id: int = 1) -> tuple[jax.Array, jax.Array]:
+    """T5 beam search (see `beam`) -> (tokens [batch, max_decode_length], scores [batch])."""
+    return beam(t5_decode_fns(model, encoder_input_tokens, max_decode_length),
+                max_decode_length=max_decode_length, num_beams=num_beams, alpha=alpha, eos_id=eos_id)
+
+
+def right_padded_mask(prompt_lengths: jax.Array, length: int) -> jax.Array:
+    """bool [batch, length], True at the first prompt_lengths[b] slots of each row."""
+    return jnp.arange(length)[None, :] < prompt_lengths[:, None]
+
+
+def greedy_generate(model: Llama, prompt_tokens: jax.Array, prompt_lengths: jax.Array, *, max_new_tokens: int,
+                    eos_id: int | jax.Array) -> jax.Array:
+    """Llama greedy continuation of right-padded prompts [batch, l] with prompt_lengths [batch] (>= 1) real
+    tokens -> [batch, max_new_tokens] (prompt excluded, EOS included, 0 after EOS)."""
+    mask = right_padded_mask(prompt_lengths, prompt_tokens.shape[1])
+    return greedy(llama_decode_fns(model, prompt_tokens, mask, max_new_tokens), max_decode_length=max_new_tokens,
+                  eos_id=eos_id)
+
+
+def sample_generate(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, max_new_tokens: int,
+                    eos_id: int | jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    rng: jax.Array | None = None) -> jax.Array:
+    """Llama sampled continuation of prompts [batch, l] marked by prompt_mask (see `llama_decode_fns`)."""
+    return sample(llama_decode_fns(model, prompt_tokens, prompt_mask, max_new_tokens),
+                  max_decode_length=max_new_tokens, eos_id=eos_id, temperature=temperature, top_k=top_k,
+                  top_p=top_p, rng=rng)
+
+
+def beam_generate(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, max_new_tokens: int,
+                  num_beams: int = 4, alpha: float = 0.6, eos_id: int | jax.Array = 1) -> tuple[jax.Array, jax.Array]:
+    """Llama beam search over continuations of prompts [batch, l] marked by prompt_mask -> (tokens, scores)."""
+    return beam(llama_decode_fns(model, prompt_tokens, prompt_mask, max_new_tokens),
+                max_decode_length=max_new_tokens, num_beams=num_beams, alpha=alpha, eos_id=eos_id)

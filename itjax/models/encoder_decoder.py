@@ -2,18 +2,20 @@
 
 It owns the module config and the loss conventions, and exposes pure functions of (module, batch) that the
 trainer jits: `loss_terms` for training / teacher-forced eval, `predict` for generation, `score` for
-per-example log-likelihoods. Batches are the features of `seqio.EncDecFeatureConverter`:
+per-example log-likelihoods; `decode_fns` (the model's hook into `itjax.models.decoding`) and `inference_batch`
+(rows from token ids) serve `itjax.inference`. Batches are the features of `seqio.EncDecFeatureConverter`:
 `encoder_input_tokens`, `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` [batch, length]
 and, when packed, `*_segment_ids` / `*_positions`.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import seqio
 from flax import nnx
 
@@ -79,10 +81,39 @@ class EncoderDecoderModel:
             "tokens": jnp.sum(real),
         }
 
+    @staticmethod
+    def decode_fns(module: T5, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
+        """Decoding of each row's `encoder_input_tokens` (unpacked) for `itjax.models.decoding`."""
+        return decoding.t5_decode_fns(module, batch["encoder_input_tokens"], max_decode_length)
+
     def predict(self, module: T5, batch: Batch, max_decode_length: int, eos_id: int = 1) -> jax.Array:
         """Greedy decoding with a KV cache: [batch, max_decode_length] token ids (0 after EOS)."""
-        return decoding.greedy_decode(module, batch["encoder_input_tokens"], max_decode_length=max_decode_length,
-                                      eos_id=eos_id)
+        return decoding.greedy(self.decode_fns(module, batch, max_decode_length), max_decode_length=max_decode_length,
+                               eos_id=eos_id)
+
+    def inference_batch(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | None,
+                        lengths: Mapping[str, int], batch_size: int) -> dict[str, np.ndarray]:
+        """Unpacked `seqio.EncDecFeatureConverter` rows from token ids (EOS already appended where wanted).
+
+        inputs / targets are cut to lengths['inputs'] / lengths['targets']; targets None (generation) leaves the
+        decoder features 0. Returns int32 arrays with batch_size rows; rows past len(inputs) are padding.
+        """
+        def pad(rows, length):
+            out = np.zeros((batch_size, length), np.int32)
+            for i, row in enumerate(rows):
+                row = list(row)[:length]
+                out[i, :len(row)] = row
+            return out
+
+        target_tokens = pad(targets if targets is not None else [], lengths["targets"])
+        decoder_inputs = np.roll(target_tokens, 1, axis=1)  # seqio's autoregressive inputs: start + targets[:-1]
+        decoder_inputs[:, 0] = self.config.decoder_start_token_id
+        return {
+            "encoder_input_tokens": pad(inputs, lengths["inputs"]),
+            "decoder_input_tokens": decoder_inputs,
+            "decoder_target_tokens": target_tokens,
+            "decoder_loss_weights": (target_tokens > 0).astype(np.int32),
+        }
 
     def score(self, module: T5, batch: Batch) -> jax.Array:
         """Log-likelihood of each example's targets under the model: [batch] float32 (nats, summed over tokens)."""

@@ -216,6 +216,10 @@ class DecodeCache(NamedTuple):
 class LlamaAttention(nnx.Module):
     """Grouped-query self-attention with rotary embeddings; logits scaled by head_dim ** -0.5."""
 
+    # Prefix-tuning hook (itjax.peft.prefix_tuning.Prefix): None, or a module whose `prepend(keys, values, mask)`
+    # adds P trainable (already rotated) keys / values that every query attends to.
+    extra_kv = None
+
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         dtype = config.activation_dtype
@@ -243,6 +247,8 @@ class LlamaAttention(nnx.Module):
     def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
         """queries [batch, q, heads, D], keys / values [batch, k, kv_heads, D], mask bool broadcastable to
         [batch, 1, 1, q, k] -> [batch, q, embed]."""
+        if self.extra_kv is not None:
+            keys, values, mask = self.extra_kv.prepend(keys, values, mask)
         b, q, h, d = queries.shape
         grouped = queries.reshape(b, q, h // self.num_groups, self.num_groups, d)
         logits = jnp.einsum("bqkgd,bskd->bkgqs", grouped, keys, preferred_element_type=jnp.float32)

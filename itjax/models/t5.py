@@ -203,6 +203,10 @@ class Attention(nnx.Module):
     (d_model * d_kv)**-0.5 (the folded 1/sqrt(d_kv)), k and v d_model**-0.5, o (heads * d_kv)**-0.5.
     """
 
+    # Prefix-tuning hook (itjax.peft.prefix_tuning.Prefix): None, or a module whose `prepend(keys, values, bias)`
+    # adds P trainable keys / values (with zero bias) that every query attends to.
+    extra_kv = None
+
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         d, h, kv = config.d_model, config.num_heads, config.d_kv
         dtype = config.activation_dtype
@@ -236,6 +240,8 @@ class Attention(nnx.Module):
 
         bias: float32, broadcastable to [batch, heads, q, k]. Returns [batch, q, embed].
         """
+        if self.extra_kv is not None:
+            keys, values, bias = self.extra_kv.prepend(keys, values, bias)
         queries = with_logical_constraint(self.q(x), ("batch", "length", "heads", "kv"))
         logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys, preferred_element_type=jnp.float32) + bias
         weights = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, dropout_rng).astype(self.dtype)
@@ -438,6 +444,16 @@ class Decoder(nnx.Module):
 class T5(nnx.Module):
     """T5 encoder-decoder. See the module docstring for the parameter tree and masking conventions."""
 
+    # Prompt-tuning hook (itjax.peft.prompt_tuning.Prompt): None, or a module that inserts P trainable vectors into
+    # the embedded encoder input (`insert`) and the matching never-masked entries into its tokens / segment ids
+    # (`insert_ids`), so the encoder, cross-attention and decoding all see P + l_in positions.
+    input_prompt = None
+
+    def _prompted_ids(self, encoder_input_tokens, encoder_segment_ids=None):
+        if self.input_prompt is None:
+            return encoder_input_tokens, encoder_segment_ids
+        return self.input_prompt.insert_ids(encoder_input_tokens, encoder_segment_ids)
+
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.config = config
         self.shared = Embed(config.vocab_size, config.d_model, rngs=rngs, dtype=config.activation_dtype)
@@ -460,9 +476,14 @@ class T5(nnx.Module):
         *,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """int32 tokens [batch, l_in] (0 = padding), optional segment ids [batch, l_in] -> [batch, l_in, embed]."""
+        """int32 tokens [batch, l_in] (0 = padding), optional segment ids [batch, l_in] -> [batch, l_in, embed]
+        ([batch, P + l_in, embed] with an `input_prompt` of P vectors)."""
+        x = self.shared(encoder_input_tokens)
+        if self.input_prompt is not None:
+            x = self.input_prompt.insert(x)
+        encoder_input_tokens, encoder_segment_ids = self._prompted_ids(encoder_input_tokens, encoder_segment_ids)
         mask = encoder_attention_mask(encoder_input_tokens, encoder_segment_ids)
-        x = with_logical_constraint(self.shared(encoder_input_tokens), HIDDEN_AXES)
+        x = with_logical_constraint(x, HIDDEN_AXES)
         return self.encoder(x, mask, dropout_rng=dropout_rng)
 
     def decode(
@@ -483,6 +504,7 @@ class T5(nnx.Module):
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise ValueError("T5.decode: pass both encoder_segment_ids and decoder_segment_ids (packed) or neither")
         self_mask = decoder_attention_mask(decoder_input_tokens.shape[1], decoder_segment_ids)
+        encoder_input_tokens, encoder_segment_ids = self._prompted_ids(encoder_input_tokens, encoder_segment_ids)
         cross_mask = cross_attention_mask(encoder_input_tokens, encoder_segment_ids, decoder_segment_ids)
         y = with_logical_constraint(self.shared(decoder_input_tokens), HIDDEN_AXES)
         y = self.decoder(y, encoded, self_mask, cross_mask, dropout_rng=dropout_rng)
@@ -520,7 +542,7 @@ class T5(nnx.Module):
         self, encoded: jax.Array, encoder_input_tokens: jax.Array, max_decode_length: int
     ) -> DecodeCache:
         """Cache for `decode_step`: encoded [batch, l_in, embed], encoder_input_tokens [batch, l_in] (unpacked)."""
-        return self.decoder.init_cache(encoded, encoder_input_tokens > 0, max_decode_length)
+        return self.decoder.init_cache(encoded, self._prompted_ids(encoder_input_tokens)[0] > 0, max_decode_length)
 
     def decode_step(
         self, decoder_input_tokens: jax.Array, position: jax.Array, cache: DecodeCache

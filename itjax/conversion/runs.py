@@ -1,0 +1,113 @@
+"""A training run's weights -> an itjax model folder (`python -m itjax.convert --from_run MODEL_DIR --out_dir OUT`).
+
+`itjax.train` writes MODEL_DIR/config.gin (the operative config) and MODEL_DIR/checkpoints/<step>. Exporting a
+fine-tuned model to HF goes through the same itjax folder `itjax.convert` writes for imported models
+(OUT/checkpoint, OUT/model.gin, tokenizer files), so `--to_hf` works on it unchanged:
+
+    full fine-tuning   the run's parameters at the chosen step
+    LoRA               the adapter merged into the base weights the run trained on (W + alpha / r * A B);
+                       `peft_out` also writes the unmerged adapter as a HF peft folder
+    other PEFT methods refused: prompt / prefix tuning add inputs a plain HF model has no place for
+
+Tokenizer files and the original HF config.json copy (hf_config.json, which keeps token ids and
+max_position_embeddings) are carried over from the run's `train.initial_checkpoint_path` when it is an itjax
+model folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import jax
+
+from itjax.conversion import ConversionError, folders
+
+RUN_CONFIG = "config.gin"
+CARRIED_FILES = ("hf_config.json",)  # besides the tokenizer files
+
+
+def _run_bindings(model_dir: str) -> dict[str, Any]:
+    """The run's `train` bindings (model, optimizer, peft, initial_checkpoint_path ...), built from config.gin."""
+    import gin
+
+    from itjax import config as config_lib
+    import itjax.training  # noqa: F401  (registers the configurables config.gin names)
+
+    path = os.path.join(model_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} not found; --from_run must be the MODEL_DIR of an itjax.train run.")
+    gin.clear_config()
+    try:
+        config_lib.parse_gin([path], [])
+        return gin.get_bindings("train")
+    finally:
+        gin.clear_config()
+
+
+def _restore_full_run(model_dir: str, bindings: dict[str, Any], step: int | None):
+    """The parameters of a full fine-tuning run at `step` (default: the latest), on one device."""
+    from itjax.checkpoints import Checkpointer
+    from itjax.partitioning import Partitioner
+    from itjax.trainer import Trainer
+
+    trainer = Trainer(bindings["model"], bindings["optimizer"], Partitioner(devices=jax.devices()[:1]))
+    checkpointer = Checkpointer(model_dir, period=0, use_async=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise ConversionError(f"no checkpoint in {checkpointer.directory}; train first.")
+        state, _ = checkpointer.restore(step, trainer.abstract_state)
+    finally:
+        checkpointer.close()
+    return jax.device_get(state["params"])
+
+
+def _model_gin(model, comment: str) -> str:
+    from itjax.conversion import llama, t5
+    from itjax.models.llama import LlamaConfig
+
+    if isinstance(model.config, LlamaConfig):
+        return llama.model_gin_text(model.config, model.bos_id, comment)
+    return t5.model_gin_text(model.config, comment)
+
+
+def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_out: str | None = None) -> None:
+    """Writes the run's model at checkpoint `step` (default: the latest; LoRA merged) to the itjax folder `out_dir`.
+
+    peft_out: for a LoRA run, also write the unmerged adapter as a HF peft folder (adapter_config.json +
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the HF base model.
+    """
+    from itjax.peft import LoRA, merge_lora
+    from itjax.peft.export import load_lora_run, save_peft_adapter
+
+    folders.require_empty_dir(out_dir, "--out_dir")
+    bindings = _run_bindings(model_dir)
+    peft = bindings.get("peft")
+    if peft is None:
+        if peft_out:
+            raise ConversionError(f"--peft_out: {model_dir} is a full fine-tuning run, it has no adapter to write.")
+        params = _restore_full_run(model_dir, bindings, step)
+        what = "full fine-tuning"
+    elif isinstance(peft, LoRA):
+        base, adapter, lora, _ = load_lora_run(model_dir, step)
+        if peft_out:
+            folders.require_empty_dir(peft_out, "--peft_out")
+            save_peft_adapter(peft_out, adapter, lora, base_model_name_or_path=bindings.get("initial_checkpoint_path"))
+        params = merge_lora(base, adapter, alpha=lora.alpha)
+        what = f"LoRA merged ({lora!r})"
+    else:
+        raise ConversionError(f"{model_dir} trained {peft!r}: only full fine-tuning and LoRA runs export to a plain "
+                              "model (prompt / prefix tuning need inputs a HF model has no place for).")
+    os.makedirs(out_dir, exist_ok=True)
+    folders.save_params(params, out_dir)
+    with open(os.path.join(out_dir, folders.MODEL_GIN), "w") as f:
+        f.write(_model_gin(bindings["model"], f"Exported from the run {os.path.abspath(model_dir)} "
+                                              f"({what}) by itjax.convert --from_run."))
+    source = bindings.get("initial_checkpoint_path")
+    if source and os.path.isdir(source):
+        folders.copy_tokenizer_files(source, out_dir)
+        for name in CARRIED_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))

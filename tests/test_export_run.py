@@ -1,0 +1,104 @@
+"""`python -m itjax.convert --from_run`: a fine-tuned run (full, or LoRA merged into its base) back to HF.
+
+A tiny random HF Llama is converted, fine-tuned for a few steps on the quickstart mixture (fully, and with LoRA),
+exported with the CLI and loaded with transformers: its logits equal itjax's for the trained weights; the LoRA
+run's unmerged adapter loads with peft onto the original HF model with the same logits.
+"""
+
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from itjax import convert, train as train_lib  # noqa: E402
+from itjax.conversion.runs import _restore_full_run, _run_bindings  # noqa: E402
+from itjax.peft.export import load_lora_run  # noqa: E402
+
+TOKENS = np.random.RandomState(0).randint(2, 640, size=(2, 16))
+
+
+@pytest.fixture(scope="module")
+def hf_and_converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_run")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(root / "hf")
+    convert.main(["--hf_dir", str(root / "hf"), "--out_dir", str(root / "converted")])
+    return root
+
+
+def _train(root, name, *extra):
+    gin.clear_config()
+    model_dir = str(root / name)
+    assert train_lib.main([
+        "--gin_file=quickstart_decoder.gin", f"--gin_file={root / 'converted' / 'model.gin'}", *extra,
+        f"--gin.MODEL_DIR='{model_dir}'", f"--gin.train.initial_checkpoint_path='{root / 'converted'}'",
+        "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
+        "--gin.train.async_checkpointing=False", "--gin.cosine_decay_schedule.warmup_steps=1", "--no_progress"]) == 0
+    return model_dir
+
+
+def _hf_logits(folder):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def _itjax_logits(trainer_module):
+    return np.asarray(trainer_module(jnp.asarray(TOKENS, jnp.int32)))
+
+
+def test_full_fine_tuning_run_exports_to_hf(hf_and_converted):
+    root = hf_and_converted
+    run = _train(root, "full")
+    convert.main(["--from_run", run, "--out_dir", str(root / "full_out"), "--to_hf", "--hf_dir", str(root / "full_hf")])
+    bindings = _run_bindings(run)
+    params = _restore_full_run(run, bindings, None)
+    module = bindings["model"].make_module(0)
+    from flax import nnx
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(module, state)
+    exported = _hf_logits(root / "full_hf")
+    np.testing.assert_allclose(exported, _itjax_logits(module), atol=1e-4)
+    assert np.abs(exported - _hf_logits(root / "hf")).max() > 1e-3  # training changed the model
+    assert sorted(os.listdir(root / "full_out")) == ["checkpoint", "generation_config.json", "hf_config.json", "model.gin"]
+
+
+def test_lora_run_exports_merged_and_as_peft_adapter(hf_and_converted):
+    peft = pytest.importorskip("peft")
+    root = hf_and_converted
+    run = _train(root, "lora", "--gin_file=peft/lora.gin", "--gin.LoRA.rank=4")
+    convert.main(["--from_run", run, "--out_dir", str(root / "lora_out"), "--peft_out", str(root / "adapter"),
+                  "--to_hf", "--hf_dir", str(root / "lora_hf")])
+    base, adapter, lora, model = load_lora_run(run)
+    from itjax.partitioning import Partitioner
+    from itjax.trainer import Trainer
+    import optax
+    trainer = Trainer(model, optax.sgd(0.0), Partitioner(devices=jax.devices()[:1]), peft=lora)
+    trainer.base_params = base
+    expected = _itjax_logits(trainer.module(adapter))
+    merged = _hf_logits(root / "lora_hf")
+    np.testing.assert_allclose(merged, expected, atol=1e-4)
+    assert np.abs(merged - _hf_logits(root / "hf")).max() > 1e-4  # the adapter is not a no-op
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        adapted = peft.PeftModel.from_pretrained(base_hf, str(root / "adapter")).eval()(torch.tensor(TOKENS)).logits
+    np.testing.assert_allclose(adapted.numpy(), expected, atol=1e-4)
+
+
+def test_from_run_refuses_what_it_cannot_export(hf_and_converted, tmp_path):
+    root = hf_and_converted
+    with pytest.raises(SystemExit, match="config.gin not found"):
+        convert.main(["--from_run", str(tmp_path), "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="already holds files|not empty"):
+        convert.main(["--from_run", str(root / "full"), "--out_dir", str(root / "converted")])

@@ -1,0 +1,116 @@
+"""LoRA export: an itjax adapter saved with `save_peft_adapter` loads with HF `peft` onto the transformers model
+(tiny random T5 v1.1 and Llama, converted to itjax with itjax's own HF conversion) and gives the same logits."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from itjax.conversion import folders  # noqa: E402
+from itjax.conversion import t5 as t5_conversion  # noqa: E402
+from itjax.conversion.llama import llama_config_from_hf, params_from_hf_state_dict  # noqa: E402
+from itjax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
+from itjax.models.llama import Llama  # noqa: E402
+from itjax.peft import AdapterParam, LoRA, merge_lora  # noqa: E402
+from itjax.peft.export import ADAPTER_CONFIG, save_peft_adapter  # noqa: E402
+
+T5_TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _randomise_adapter(module, seed):
+    """LoRA B starts at zero (a no-op); give A and B random values so the parity test sees a real update."""
+    state = nnx.state(module, AdapterParam)
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    values = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, values))
+    nnx.update(module, state)
+    return nnx.to_pure_dict(nnx.state(module, AdapterParam))
+
+
+def _base(module):
+    return nnx.to_pure_dict(nnx.split(module, AdapterParam, nnx.Param)[2])
+
+
+def _peft_logits(hf_model, adapter_dir, **inputs):
+    model = peft.PeftModel.from_pretrained(hf_model, adapter_dir).eval()
+    with torch.no_grad():
+        return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}).logits.numpy()
+
+
+def test_t5_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1)).eval()
+    with torch.no_grad():
+        hf.lm_head.weight = torch.nn.Parameter(torch.randn(96, 32) * 32**-0.5)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    t5_conversion.hf_to_itjax(str(tmp_path / "hf"), str(tmp_path / "itjax"))
+    config = t5_conversion.t5_config_from_gin(str(tmp_path / "itjax" / folders.MODEL_GIN))
+    model = EncoderDecoderModel(config)
+    module = model.make_module(0)
+    nnx.update(module, t5_conversion.load_params(str(tmp_path / "itjax")))
+    lora = LoRA(rank=4, alpha=8.0, target_modules=T5_TARGETS)
+    lora.apply(module, nnx.Rngs(params=1))
+    adapter = _randomise_adapter(module, 2)
+
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(2, 96, (2, 10)).astype(np.int32)
+    inputs[1, 7:] = 0
+    targets = rng.integers(2, 96, (2, 6)).astype(np.int32)
+    decoder_inputs = np.pad(targets[:, :-1], ((0, 0), (1, 0)))
+    batch = {"encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs}
+    ours = np.asarray(model.logits(module, batch))
+
+    save_peft_adapter(str(tmp_path / "adapter"), adapter, lora)
+    with open(tmp_path / "adapter" / ADAPTER_CONFIG) as f:
+        assert json.load(f)["task_type"] == "SEQ_2_SEQ_LM"
+    theirs = _peft_logits(hf, str(tmp_path / "adapter"), input_ids=inputs, attention_mask=(inputs > 0).astype(np.int64),
+                          decoder_input_ids=decoder_inputs)
+    without_lora = np.asarray(model.logits(EncoderDecoderModel(config).make_module(0), batch))
+    assert np.abs(ours - without_lora).max() > 1e-2  # the adapter changes the outputs
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+    # Merged into the base weights, the plain model gives the same logits.
+    merged_module = model.make_module(0)
+    nnx.update(merged_module, merge_lora(_base(module), adapter, alpha=lora.alpha))
+    np.testing.assert_allclose(np.asarray(model.logits(merged_module, batch)), ours, atol=1e-4, rtol=0)
+
+
+def test_llama_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
+        attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.mul_(3.0)
+    config = llama_config_from_hf(hf.config.to_dict())
+    module = Llama(config, rngs=nnx.Rngs(0))
+    nnx.update(module, params_from_hf_state_dict({k: v.numpy() for k, v in hf.state_dict().items()}, config))
+    lora = LoRA(rank=4, alpha=16.0, target_modules=LLAMA_TARGETS)
+    lora.apply(module, nnx.Rngs(params=1))
+    adapter = _randomise_adapter(module, 3)
+    tokens = np.random.default_rng(1).integers(1, 128, (2, 12)).astype(np.int32)
+    ours = np.asarray(module(tokens))
+
+    save_peft_adapter(str(tmp_path / "adapter"), adapter, lora)
+    with open(tmp_path / "adapter" / ADAPTER_CONFIG) as f:
+        config_json = json.load(f)
+    assert config_json["task_type"] == "CAUSAL_LM" and config_json["target_modules"] == sorted(LLAMA_TARGETS)
+    theirs = _peft_logits(hf, str(tmp_path / "adapter"), input_ids=tokens.astype(np.int64))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") < 200_000
