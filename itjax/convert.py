@@ -5,7 +5,8 @@ Usage:
     python -m itjax.convert --hf_dir DIR --out_dir OUT             # HF folder -> itjax folder
     python -m itjax.convert --to_hf --hf_dir OUT_HF --out_dir OUT  # itjax folder OUT -> HF folder OUT_HF
     python -m itjax.convert --from_run MODEL_DIR --out_dir OUT [--to_hf --hf_dir OUT_HF] [--peft_out ADAPTER]
-        # a training run (full fine-tuning, or LoRA merged into its base) -> itjax folder OUT [-> HF folder]
+        # a training run (full fine-tuning, or LoRA merged into its base) -> itjax folder OUT [-> HF folder];
+        # --merge_lora MODEL_DIR is the same for a run that must be a LoRA run
 
 HF -> itjax dispatches on config.json's `model_type`; itjax -> HF on the config that OUT/model.gin binds.
 The itjax folder (OUT/checkpoint, OUT/model.gin, tokenizer files) is described in `itjax.conversion.folders`;
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--to_hf", action="store_true", help="convert the itjax folder --out_dir to --hf_dir")
     parser.add_argument("--from_run", metavar="MODEL_DIR",
                         help="write the model of this itjax.train run (LoRA merged into its base) to --out_dir")
+    parser.add_argument("--merge_lora", metavar="MODEL_DIR",
+                        help="--from_run for a LoRA run, required to be one: its adapter merged into its base")
     parser.add_argument("--checkpoint_step", type=int, default=None, help="--from_run: the step (default: latest)")
     parser.add_argument("--peft_out", metavar="DIR",
                         help="--from_run of a LoRA run: also write the unmerged adapter as a HF peft folder")
@@ -82,13 +85,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="--to_hf: tensor dtype; auto = the source checkpoint's for Llama-family folders "
                              "(bfloat16 stays bfloat16), else float32")
     args = parser.parse_args(argv)
+    if args.merge_lora:
+        if args.from_run:
+            parser.error("--merge_lora MODEL_DIR already names the run; drop --from_run")
+        args.from_run = args.merge_lora
     if args.hf_dir is None and (args.to_hf or not args.from_run):
         parser.error("--hf_dir is required (except for --from_run without --to_hf)")
     if args.peft_out and not args.from_run:
         parser.error("--peft_out needs --from_run MODEL_DIR (a LoRA training run)")
     try:
         if args.from_run:
-            runs.export_run(args.from_run, args.out_dir, step=args.checkpoint_step, peft_out=args.peft_out)
+            runs.export_run(args.from_run, args.out_dir, step=args.checkpoint_step, peft_out=args.peft_out,
+                            require_lora=bool(args.merge_lora))
             print(f"wrote {args.out_dir}/{{checkpoint,{MODEL_GIN}}} from the run {args.from_run}"
                   + (f"; the peft adapter to {args.peft_out}" if args.peft_out else ""))
         if args.to_hf:

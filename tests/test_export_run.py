@@ -78,7 +78,7 @@ def test_lora_run_exports_merged_and_as_peft_adapter(hf_and_converted):
     peft = pytest.importorskip("peft")
     root = hf_and_converted
     run = _train(root, "lora", "--gin_file=peft/lora.gin", "--gin.LoRA.rank=4")
-    convert.main(["--from_run", run, "--out_dir", str(root / "lora_out"), "--peft_out", str(root / "adapter"),
+    convert.main(["--merge_lora", run, "--out_dir", str(root / "lora_out"), "--peft_out", str(root / "adapter"),
                   "--to_hf", "--hf_dir", str(root / "lora_hf")])
     base, adapter, lora, model = load_lora_run(run)
     from itjax.partitioning import Partitioner
@@ -102,3 +102,5 @@ def test_from_run_refuses_what_it_cannot_export(hf_and_converted, tmp_path):
         convert.main(["--from_run", str(tmp_path), "--out_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="already holds files|not empty"):
         convert.main(["--from_run", str(root / "full"), "--out_dir", str(root / "converted")])
+    with pytest.raises(SystemExit, match="--merge_lora: .* is not a LoRA run"):
+        convert.main(["--merge_lora", str(root / "full"), "--out_dir", str(tmp_path / "merged")])

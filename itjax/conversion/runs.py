@@ -73,11 +73,13 @@ def _model_gin(model, comment: str) -> str:
     return t5.model_gin_text(model.config, comment)
 
 
-def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_out: str | None = None) -> None:
+def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_out: str | None = None,
+               require_lora: bool = False) -> None:
     """Writes the run's model at checkpoint `step` (default: the latest; LoRA merged) to the itjax folder `out_dir`.
 
     peft_out: for a LoRA run, also write the unmerged adapter as a HF peft folder (adapter_config.json +
     adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the HF base model.
+    require_lora: refuse anything but a LoRA run (`--merge_lora`).
     """
     from itjax.peft import LoRA, merge_lora
     from itjax.peft.export import load_lora_run, save_peft_adapter
@@ -85,6 +87,9 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
     folders.require_empty_dir(out_dir, "--out_dir")
     bindings = _run_bindings(model_dir)
     peft = bindings.get("peft")
+    if require_lora and not isinstance(peft, LoRA):
+        raise ConversionError(f"--merge_lora: {model_dir} is not a LoRA run (train.peft = {peft!r}); use --from_run "
+                              "to export a full fine-tuning run.")
     if peft is None:
         if peft_out:
             raise ConversionError(f"--peft_out: {model_dir} is a full fine-tuning run, it has no adapter to write.")
