@@ -13,6 +13,8 @@ an ordinary checkpoint (`train.initial_checkpoint_path`) loads into it unchanged
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import contextvars
 from typing import Iterator, Sequence
@@ -32,7 +34,7 @@ class PeftConfigError(ConfigError):
     """A PEFT setting does not fit the model or the task (the message names the gin setting)."""
 
 
-class PeftMethod:
+class PeftMethod(abc.ABC):
     """Interface of a PEFT method (LoRA, PromptTuning, PrefixTuning, IA3).
 
     apply(module, rngs): adds the adapter to a freshly built module (in place) and returns it. Adapter values may
@@ -46,8 +48,9 @@ class PeftMethod:
     name = "peft"
     dropout_rate = 0.0
 
+    @abc.abstractmethod
     def apply(self, module: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
-        raise NotImplementedError
+        """The method's surgery on `module` (see the class docstring)."""
 
     def check(self, task_feature_lengths: dict, pack: bool, task=None) -> None:
         del task_feature_lengths, pack, task
