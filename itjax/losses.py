@@ -63,3 +63,26 @@ def normalized_weights_and_factor(weights: jax.Array, segment_ids: jax.Array | N
         return per_token, jnp.maximum(num_sequences, 1.0)
     raise ValueError(f"loss_normalizing_factor={loss_normalizing_factor!r} is not a number, None or one of "
                      f"{SPECIAL_FACTORS}; fix the gin binding `loss_normalizing_factor`.")
+
+
+def teacher_forced_terms(logits: jax.Array, targets: jax.Array, loss_weights: jax.Array, weights: jax.Array,
+                         z_loss: float) -> dict[str, jax.Array]:
+    """Batch sums the trainer needs from teacher-forced logits [batch, length, vocab] and int targets
+    [batch, length]: weighted loss (z-loss included) and z-loss under `weights` (the renormalised per-token
+    weights), plus correct argmax tokens and the number of real target tokens (`loss_weights` > 0)."""
+    token_loss, z_term = cross_entropy_with_z_loss(logits, targets, z_loss)
+    real = (loss_weights > 0).astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
+    return {
+        "loss_sum": jnp.sum(token_loss * weights),
+        "z_loss_sum": jnp.sum(z_term * weights),
+        "correct": jnp.sum(correct),
+        "tokens": jnp.sum(real),
+    }
+
+
+def target_log_likelihood(logits: jax.Array, targets: jax.Array, loss_weights: jax.Array) -> jax.Array:
+    """Summed log-probability (nats) of each row's targets where `loss_weights` > 0: [batch] float32."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    target_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(target_lp * (loss_weights > 0), axis=-1)

@@ -41,21 +41,13 @@ def run_one(args) -> dict:
     from itjax.partitioning import Partitioner
     from itjax.trainer import Trainer
     import itjax.training  # noqa: F401  (registers gin configurables)
+    from bench_train_step import random_t5_batch  # this script's folder is on sys.path
 
     config_lib.parse_gin([args.model_gin], [])
     model = gin.query_parameter("MODEL/macro.value").scoped_configurable_fn()
     method = None if METHODS[args.method] is None else eval(METHODS[args.method], vars(peft))  # noqa: S307
     trainer = Trainer(model, optimizers.adamw(1e-3), Partitioner(devices=jax.devices()[:1]), peft=method)
-    rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
-    targets = rng.integers(2, vocab, (args.batch, args.targets), dtype=np.int32)
-    batch = {
-        "encoder_input_tokens": rng.integers(2, vocab, (args.batch, args.inputs), dtype=np.int32),
-        "decoder_target_tokens": targets,
-        "decoder_input_tokens": np.concatenate([np.zeros((args.batch, 1), np.int32), targets[:, :-1]], axis=1),
-        "decoder_loss_weights": np.ones((args.batch, args.targets), np.int32),
-    }
-    batch = {k: jax.device_put(v) for k, v in batch.items()}
+    batch = random_t5_batch(model.config.vocab_size, args.batch, args.inputs, args.targets)
     state = trainer.init_state()
     state, metrics = trainer.train_step(state, batch)  # compile
     jax.block_until_ready(metrics)

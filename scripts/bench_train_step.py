@@ -25,6 +25,19 @@ from itjax.trainer import Trainer
 import itjax.training  # noqa: F401  (registers gin configurables)
 
 
+def random_t5_batch(vocab: int, batch: int, inputs: int, targets: int) -> dict[str, jax.Array]:
+    """A fixed random encoder-decoder batch (seed 0) of `batch` rows x (inputs + targets) tokens, on device."""
+    rng = np.random.default_rng(0)
+    target_tokens = rng.integers(2, vocab, (batch, targets), dtype=np.int32)
+    features = {
+        "encoder_input_tokens": rng.integers(2, vocab, (batch, inputs), dtype=np.int32),
+        "decoder_target_tokens": target_tokens,
+        "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), target_tokens[:, :-1]], axis=1),
+        "decoder_loss_weights": np.ones((batch, targets), np.int32),
+    }
+    return {k: jax.device_put(v) for k, v in features.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_gin", default="models/t5_1_1_small.gin")
@@ -40,16 +53,7 @@ def main() -> None:
     model = gin.query_parameter("MODEL/macro.value").scoped_configurable_fn()
     tx = optimizers.adamw(1e-3) if args.optimizer == "adamw" else optimizers.adafactor(1e-3)
     trainer = Trainer(model, tx, Partitioner(devices=jax.devices()[:1]))
-    rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
-    targets = rng.integers(2, vocab, (args.batch, args.targets), dtype=np.int32)
-    batch = {
-        "encoder_input_tokens": rng.integers(2, vocab, (args.batch, args.inputs), dtype=np.int32),
-        "decoder_target_tokens": targets,
-        "decoder_input_tokens": np.concatenate([np.zeros((args.batch, 1), np.int32), targets[:, :-1]], axis=1),
-        "decoder_loss_weights": np.ones((args.batch, args.targets), np.int32),
-    }
-    batch = {k: jax.device_put(v) for k, v in batch.items()}
+    batch = random_t5_batch(model.config.vocab_size, args.batch, args.inputs, args.targets)
     state = trainer.init_state()
     start = time.perf_counter()
     state, metrics = trainer.train_step(state, batch)

@@ -70,17 +70,8 @@ class DecoderOnlyModel:
     def loss_terms(self, module: Llama, batch: Batch, weights: jax.Array,
                    dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
         """Sums over the batch: weighted loss (z-loss included), z-loss, correct target tokens, target tokens."""
-        logits = self.logits(module, batch, dropout_rng)
-        targets = batch["decoder_target_tokens"]
-        token_loss, z_term = losses.cross_entropy_with_z_loss(logits, targets, self.z_loss)
-        real = (batch["decoder_loss_weights"] > 0).astype(jnp.float32)
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
-        return {
-            "loss_sum": jnp.sum(token_loss * weights),
-            "z_loss_sum": jnp.sum(z_term * weights),
-            "correct": jnp.sum(correct),
-            "tokens": jnp.sum(real),
-        }
+        return losses.teacher_forced_terms(self.logits(module, batch, dropout_rng), batch["decoder_target_tokens"],
+                                           batch["decoder_loss_weights"], weights, self.z_loss)
 
     @staticmethod
     def decode_fns(module: Llama, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
@@ -131,6 +122,5 @@ class DecoderOnlyModel:
 
     def score(self, module: Llama, batch: Batch) -> jax.Array:
         """Log-likelihood of each row's target tokens: [batch] float32 (nats, summed over loss-weighted tokens)."""
-        log_probs = jax.nn.log_softmax(self.logits(module, batch), axis=-1)
-        target_lp = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
-        return jnp.sum(target_lp * (batch["decoder_loss_weights"] > 0), axis=-1)
+        return losses.target_log_likelihood(self.logits(module, batch), batch["decoder_target_tokens"],
+                                            batch["decoder_loss_weights"])

@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import seqio
 from flax import nnx
@@ -69,17 +68,8 @@ class EncoderDecoderModel:
 
         `weights` [batch, length] are the (possibly renormalised) per-token loss weights.
         """
-        logits = self.logits(module, batch, dropout_rng)
-        targets = batch["decoder_target_tokens"]
-        token_loss, z_term = losses.cross_entropy_with_z_loss(logits, targets, self.z_loss)
-        real = (batch["decoder_loss_weights"] > 0).astype(jnp.float32)
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
-        return {
-            "loss_sum": jnp.sum(token_loss * weights),
-            "z_loss_sum": jnp.sum(z_term * weights),
-            "correct": jnp.sum(correct),
-            "tokens": jnp.sum(real),
-        }
+        return losses.teacher_forced_terms(self.logits(module, batch, dropout_rng), batch["decoder_target_tokens"],
+                                           batch["decoder_loss_weights"], weights, self.z_loss)
 
     @staticmethod
     def decode_fns(module: T5, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
@@ -117,7 +107,5 @@ class EncoderDecoderModel:
 
     def score(self, module: T5, batch: Batch) -> jax.Array:
         """Log-likelihood of each example's targets under the model: [batch] float32 (nats, summed over tokens)."""
-        logits = self.logits(module, batch)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        target_lp = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
-        return jnp.sum(target_lp * (batch["decoder_loss_weights"] > 0), axis=-1)
+        return losses.target_log_likelihood(self.logits(module, batch), batch["decoder_target_tokens"],
+                                            batch["decoder_loss_weights"])
