@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from itjax.models import scan
+
 BASE_ITEM = "base"
 
 
@@ -118,7 +120,13 @@ def check_compatible(saved_metadata: Any, abstract: Any, where: str) -> None:
 
 def restore_initial_params(path: str, abstract_params: Any) -> Any:
     """Restores a params-only checkpoint (the `itjax.convert` output folder, or its `checkpoint/` subfolder)
-    into the shapes, dtypes and shardings of `abstract_params` (ShapeDtypeStruct leaves)."""
+    into the shapes, dtypes and shardings of `abstract_params` (ShapeDtypeStruct leaves).
+
+    The checkpoint's layer layout may differ from the model's (per layer, `layers/0/...`, as `itjax.convert`
+    writes; or stacked, `layers/...` [L, ...], as a `scan_layers` run saves): it is then restored in its own
+    layout and stacked / unstacked on device into `abstract_params`' shardings (transiently two copies of the
+    stacked parameters).
+    """
     if os.path.isdir(os.path.join(path, "checkpoint")):
         path = os.path.join(path, "checkpoint")
     if not os.path.isdir(path):
@@ -127,8 +135,32 @@ def restore_initial_params(path: str, abstract_params: Any) -> Any:
     path = os.path.abspath(path)
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(path)
-        check_compatible(getattr(metadata, "item_metadata", metadata), abstract_params, f"initial checkpoint {path}")
-        return checkpointer.restore(path, abstract_params)
+        saved = getattr(metadata, "item_metadata", metadata)
+        saved_stacked, wanted_stacked = _stacked_layout(saved), _stacked_layout(abstract_params)
+        relayout = None not in (saved_stacked, wanted_stacked) and saved_stacked != wanted_stacked
+        target = abstract_params
+        if relayout:
+            target = (scan.unstack_layers(abstract_params) if wanted_stacked
+                      else scan.stack_layers(abstract_params, stack=scan.stack_abstract))
+        check_compatible(saved, target, f"initial checkpoint {path}")
+        restored = checkpointer.restore(path, target)
+    if not relayout:
+        return restored
+    convert = scan.stack_layers if wanted_stacked else scan.unstack_layers
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), abstract_params)
+    if any(s is None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None)):
+        return jax.jit(convert)(restored)
+    return jax.jit(convert, out_shardings=shardings)(restored)
+
+
+def _stacked_layout(tree: Any) -> bool | None:
+    """Whether a parameter tree (arrays or checkpoint metadata) keeps its layer stacks stacked: True for paths
+    `.../layers/<name>/...`, False for `.../layers/<i>/...`, None when it has no `layers`."""
+    for path, _ in _flatten(tree):
+        parts = _path_str(path).split("/")
+        if "layers" in parts[:-1]:
+            return not parts[parts.index("layers") + 1].isdigit()
+    return None
 
 
 def _flatten(tree):

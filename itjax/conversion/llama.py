@@ -23,6 +23,7 @@ model.gin (authoritative) and everything else (model_type, token ids, max_positi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -246,6 +247,9 @@ def abstract_params(config) -> Params:
 
     from itjax.models.llama import Llama
 
+    # itjax folders hold the per-layer layout (`layers/<i>/...`) whatever `scan_layers` the model file sets;
+    # `restore_initial_params` stacks them for a scanned model.
+    config = dataclasses.replace(config, scan_layers=False)
     return folders.abstract_params(lambda: Llama(config, rngs=nnx.Rngs(params=0)))
 
 

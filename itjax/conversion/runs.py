@@ -75,12 +75,14 @@ def _model_gin(model, comment: str) -> str:
 
 def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_out: str | None = None,
                require_lora: bool = False) -> None:
-    """Writes the run's model at checkpoint `step` (default: the latest; LoRA merged) to the itjax folder `out_dir`.
+    """Writes the run's model at checkpoint `step` (default: the latest; LoRA merged) to the itjax folder `out_dir`
+    (per-layer layout, also for a `scan_layers` run).
 
     peft_out: for a LoRA run, also write the unmerged adapter as a HF peft folder (adapter_config.json +
     adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the HF base model.
     require_lora: refuse anything but a LoRA run (`--merge_lora`).
     """
+    from itjax.models import scan
     from itjax.peft import LoRA, merge_lora
     from itjax.peft.export import load_lora_run, save_peft_adapter
 
@@ -93,14 +95,14 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
     if peft is None:
         if peft_out:
             raise ConversionError(f"--peft_out: {model_dir} is a full fine-tuning run, it has no adapter to write.")
-        params = _restore_full_run(model_dir, bindings, step)
+        params = scan.unstack_layers(_restore_full_run(model_dir, bindings, step))
         what = "full fine-tuning"
     elif isinstance(peft, LoRA):
         base, adapter, lora, _ = load_lora_run(model_dir, step)
         if peft_out:
             folders.require_empty_dir(peft_out, "--peft_out")
             save_peft_adapter(peft_out, adapter, lora, base_model_name_or_path=bindings.get("initial_checkpoint_path"))
-        params = merge_lora(base, adapter, alpha=lora.alpha)
+        params = scan.unstack_layers(merge_lora(base, adapter, alpha=lora.alpha))
         what = f"LoRA merged ({lora!r})"
     else:
         raise ConversionError(f"{model_dir} trained {peft!r}: only full fine-tuning and LoRA runs export to a plain "

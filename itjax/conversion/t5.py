@@ -204,6 +204,9 @@ def abstract_params(config) -> Params:
 
     from itjax.models.t5 import T5
 
+    # itjax folders hold the per-layer layout (`layers/<i>/...`) whatever `scan_layers` the model file sets;
+    # `restore_initial_params` stacks them for a scanned model.
+    config = dataclasses.replace(config, scan_layers=False)
     return folders.abstract_params(lambda: T5(config, rngs=nnx.Rngs(params=0)))
 
 

@@ -6,8 +6,9 @@ A model family plugs in through `DecodeFns`, two pure functions over a batch of 
     step(tokens, index, carry)   -> (logits [batch, vocab] float32 of generated token index + 1, carry)
 
 where `tokens` [batch] int32 are the generated tokens number `index` (a scalar int32) and `carry` is any pytree
-whose every leaf has the batch as its leading axis (key / value caches, per-row positions), so beam search can
-repeat it per beam and reorder it with one gather. The encoder-decoder adapter (`t5_decode_fns`) encodes once
+with a batch axis in every leaf (key / value caches, per-row positions), so beam search can repeat it per beam and
+reorder it with one gather per leaf. `batch_axes(carry)` gives each leaf's batch axis (the leading one, except in
+the layer-stacked caches of `scan_layers` models, [layers, batch, ...]). The encoder-decoder adapter (`t5_decode_fns`) encodes once
 and feeds the start token at decoder position 0; the decoder-only adapter (`llama_decode_fns`) prefills left- or
 right-padded prompts and continues each row at its own rotary position.
 
@@ -33,6 +34,7 @@ class DecodeFns(NamedTuple):
 
     start: Callable[[], tuple[jax.Array, Any]]
     step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+    batch_axes: Callable[[Any], Any]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ def t5_decode_fns(model: T5, encoder_input_tokens: jax.Array, max_decode_length:
         # Generated token `index` sits at decoder position index + 1 (position 0 holds the start token).
         return model.decode_step(tokens, index + 1, cache)
 
-    return DecodeFns(start, step)
+    return DecodeFns(start, step, lambda cache: cache.batch_axes())
 
 
 def llama_decode_fns(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array,
@@ -75,7 +77,7 @@ def llama_decode_fns(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Ar
         logits, cache = model.decode_step(tokens, positions, cache)
         return logits, (cache, positions + 1)
 
-    return DecodeFns(start, step)
+    return DecodeFns(start, step, lambda carry: (carry[0].batch_axes(), 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,8 +213,9 @@ def beam(fns: DecodeFns, *, max_decode_length: int, num_beams: int = 4, alpha: f
     neg_inf = jnp.float32(NEG_INF)
     logits, carry = fns.start()
     batch = logits.shape[0]
-    repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-    logits, carry = repeat(logits), jax.tree.map(repeat, carry)
+    carry_axes = fns.batch_axes(carry)
+    logits = jnp.repeat(logits, k, axis=0)
+    carry = jax.tree.map(lambda x, axis: jnp.repeat(x, k, axis=axis), carry, carry_axes)
 
     def expand(state: _BeamState, logits: jax.Array, carry: Any) -> _BeamState:
         """Extends every alive hypothesis by one token given its next-token logits [batch * k, vocab]."""
@@ -232,7 +235,7 @@ def beam(fns: DecodeFns, *, max_decode_length: int, num_beams: int = 4, alpha: f
         alive_tokens = jnp.take_along_axis(sequences, alive_pick[:, :, None], axis=1)
         alive_origin = jnp.take_along_axis(origin, alive_pick, axis=1)
         rows = (jnp.arange(batch)[:, None] * k + alive_origin).reshape(-1)
-        carry = jax.tree.map(lambda x: x[rows], carry)
+        carry = jax.tree.map(lambda x, axis: jnp.take(x, rows, axis=axis), carry, carry_axes)
 
         # Finished: merge this step's EOS candidates into the k best so far.
         new_finished = jnp.where(is_eos, top_scores / length_penalty(position + 1, alpha), neg_inf)

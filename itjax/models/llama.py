@@ -23,7 +23,8 @@ tensor each one comes from (`W` a torch Linear weight [out, in], `D` = head_dim,
     lm_head.kernel                                  [embed, vocab]       ('embed', 'vocab')   lm_head.weight.T
 
 (HF names are prefixed `model.layers.{i}.` except `lm_head.weight`; `lm_head` is absent when tied;
-conversion: `itjax.conversion.llama`.) The kv-head dimension of k / v uses the
+conversion: `itjax.conversion.llama`.) With `scan_layers=True` the layers are one stacked module: `layers.<path>`
+[num_layers, ...] with logical axes ('layers', ...) (`itjax.models.scan`). The kv-head dimension of k / v uses the
 logical name 'heads' as the query heads do, so tensor-parallel rules shard both the same way.
 
 Masks: attention is causal (and, with `sliding_window` W, limited to the last W positions); with packing
@@ -50,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from itjax.models import scan
 from itjax.models.layers import HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat, split_rng
 from itjax.models.t5 import MASK_BIAS
 from itjax.partitioning import with_logical_constraint
@@ -71,6 +73,9 @@ class LlamaConfig:
         final logits are computed in float32.
     sliding_window: None (full causal attention) or W: each query attends to itself and the W - 1 tokens before
         it (Mistral v0.1; HF `kv_idx > q_idx - sliding_window`), in training and in cached decoding.
+    remat_policy: what the backward pass keeps of each layer (`layers.REMAT_POLICIES`).
+    scan_layers: store the layers stacked (`layers.<path>` [num_layers, ...]) and run them with `jax.lax.scan`
+        (see `itjax.models.scan`); the same function as the per-layer model.
     """
 
     vocab_size: int
@@ -89,6 +94,7 @@ class LlamaConfig:
     dtype: str = "float32"
     sliding_window: int | None = None
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         check_remat_policy("LlamaConfig", self.remat_policy)
@@ -202,15 +208,21 @@ class Projection(Dense):
 class DecodeCache(NamedTuple):
     """Functional state of incremental decoding (a pytree: thread it through `jax.lax` loops).
 
-    keys, values: one per layer, [batch, max_length, kv_heads, head_dim] (rotary already applied to keys).
+    keys, values: one per layer, [batch, max_length, kv_heads, head_dim] (rotary already applied to keys); with
+        `scan_layers` one array [num_layers, batch, max_length, kv_heads, head_dim] each.
     valid: [batch, max_length] bool, True at slots holding a real (non-padding) token.
     index: [batch] int32, the slot the next token of each row is written to.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     valid: jax.Array
     index: jax.Array
+
+    def batch_axes(self) -> "DecodeCache":
+        """The batch axis of every leaf (same structure), for beam search's per-beam copies and reordering."""
+        per_layer = (0,) * len(self.keys) if isinstance(self.keys, tuple) else 1  # stacked: [layers, batch, ...]
+        return DecodeCache(keys=per_layer, values=per_layer, valid=0, index=0)
 
 
 class LlamaAttention(nnx.Module):
@@ -350,7 +362,8 @@ class Llama(nnx.Module):
         self.config = config
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs, embedding_init=_kernel_init(),
                                   dtype=config.activation_dtype)
-        self.layers = nnx.List([LlamaLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        layers = [LlamaLayer(config, rngs=rngs) for _ in range(config.num_layers)]
+        self.layers = scan.stack_modules(layers) if config.scan_layers else nnx.List(layers)
         self.norm = _norm(config)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, kernel_axes=("embed", "vocab"),
@@ -377,12 +390,18 @@ class Llama(nnx.Module):
         if self.input_prompt is not None:
             x, positions, segment_ids = self.input_prompt.insert_sequence(x, positions, segment_ids)
         mask = causal_segment_mask(segment_ids, x.shape[1], self.config.sliding_window)
-        rngs = split_rng(dropout_rng, len(self.layers))
         x = with_logical_constraint(x, HIDDEN_AXES)
-        run = remat(lambda layer, x, positions, mask, rng: layer(x, positions, mask, dropout_rng=rng)[0],
-                    self.config.remat_policy)
-        for layer, rng in zip(self.layers, rngs):
-            x = run(layer, x, positions, mask, rng)
+        c = self.config
+        if c.scan_layers:
+            def body(layer, x, rng):
+                return layer(x, positions, mask, dropout_rng=rng)[0], None
+            x, _ = scan.scan(self.layers, body, x, scan.split_keys(dropout_rng, c.num_layers),
+                             remat_policy=c.remat_policy)
+        else:
+            run = remat(lambda layer, x, positions, mask, rng: layer(x, positions, mask, dropout_rng=rng)[0],
+                        c.remat_policy)
+            for layer, rng in zip(self.layers, split_rng(dropout_rng, c.num_layers)):
+                x = run(layer, x, positions, mask, rng)
         if self.input_prompt is not None:
             x = self.input_prompt.remove(x)
         return self._logits(self.norm(x))
@@ -391,10 +410,15 @@ class Llama(nnx.Module):
         """An empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""
         c = self.config
         max_length += 0 if self.input_prompt is None else self.input_prompt.length  # the prompt takes slots too
-        empty = jnp.zeros((batch, max_length, c.num_kv_heads, c.head_dim), c.activation_dtype)
+        if c.scan_layers:
+            empty = jnp.zeros((c.num_layers, batch, max_length, c.num_kv_heads, c.head_dim), c.activation_dtype)
+            keys = values = empty
+        else:
+            empty = jnp.zeros((batch, max_length, c.num_kv_heads, c.head_dim), c.activation_dtype)
+            keys = values = (empty,) * c.num_layers
         return DecodeCache(
-            keys=(empty,) * c.num_layers,
-            values=(empty,) * c.num_layers,
+            keys=keys,
+            values=values,
             valid=jnp.zeros((batch, max_length), jnp.bool_),
             index=jnp.zeros((batch,), jnp.int32),
         )
@@ -448,6 +472,11 @@ class Llama(nnx.Module):
         if self.config.sliding_window is not None:  # a row's real tokens are contiguous: slot gap = token gap
             mask = mask & (key_slots[None, None, :] > query_slots[:, :, None] - self.config.sliding_window)
         mask = mask[:, None, None]  # [batch, 1, 1, l, max_len]
+        if self.config.scan_layers:
+            def body(layer, x, layer_cache):
+                return layer(x, positions, mask, cache=layer_cache, cache_index=start)
+            x, (keys, values) = scan.scan(self.layers, body, x, (cache.keys, cache.values))
+            return x, cache._replace(keys=keys, values=values)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             x, (keys, values) = layer(x, positions, mask, cache=(cache.keys[i], cache.values[i]), cache_index=start)

@@ -24,6 +24,9 @@ Parameter tree (paths of `nnx.state(model)`; kernels `[in, out]`, attention in T
     decoder.final_norm.scale                            [embed]
     lm_head.kernel                                      [embed, vocab]          ('embed', 'vocab')  (absent if tied)
 
+With `scan_layers=True` each stack's layers are one stacked module: `encoder.layers.<path>` [num_layers, ...] with
+logical axes ('layers', ...) (`itjax.models.scan`).
+
 HF mapping: a torch Linear weight `W` [out, in] is `kernel = W.T` (reshaped to [embed, heads, kv] for q/k/v and
 [heads, kv, embed] for o); HF's relative_attention_bias (owned by block 0) is `relative_bias.embedding` as is.
 
@@ -46,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from itjax.models import scan
 from itjax.models.layers import HIDDEN_AXES, MLP, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat, split_rng
 from itjax.partitioning import with_logical_constraint
 
@@ -61,7 +65,9 @@ class T5Config:
     """T5 hyperparameters (HF `T5Config` names).
 
     `dtype` is the activation / computation dtype ('float32' or 'bfloat16'); parameters stay float32 and
-    softmax, norms and the final logits are computed in float32.
+    softmax, norms and the final logits are computed in float32. `remat_policy`: what the backward pass keeps of
+    each layer (`layers.REMAT_POLICIES`). `scan_layers`: store each stack's layers stacked
+    (`encoder.layers.<path>` [num_encoder_layers, ...]) and run them with `jax.lax.scan` (`itjax.models.scan`).
     """
 
     vocab_size: int
@@ -80,6 +86,7 @@ class T5Config:
     dtype: str = "float32"
     decoder_start_token_id: int = 0
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         check_remat_policy("T5Config", self.remat_policy)
@@ -101,13 +108,19 @@ class DecodeCache(NamedTuple):
     cross_keys, cross_values: one per decoder layer, [batch, input_length, heads, kv], computed once from the
         encoder output.
     encoder_mask: [batch, input_length] bool, True at non-padding encoder tokens.
+    With `scan_layers` the four per-layer fields are single arrays [num_decoder_layers, batch, ...].
     """
 
-    self_keys: tuple[jax.Array, ...]
-    self_values: tuple[jax.Array, ...]
-    cross_keys: tuple[jax.Array, ...]
-    cross_values: tuple[jax.Array, ...]
+    self_keys: tuple[jax.Array, ...] | jax.Array
+    self_values: tuple[jax.Array, ...] | jax.Array
+    cross_keys: tuple[jax.Array, ...] | jax.Array
+    cross_values: tuple[jax.Array, ...] | jax.Array
     encoder_mask: jax.Array
+
+    def batch_axes(self) -> "DecodeCache":
+        """The batch axis of every leaf (same structure), for beam search's per-beam copies and reordering."""
+        per_layer = (0,) * len(self.self_keys) if isinstance(self.self_keys, tuple) else 1  # stacked: [L, batch]
+        return DecodeCache(per_layer, per_layer, per_layer, per_layer, encoder_mask=0)
 
 
 def relative_position_bucket(
@@ -338,15 +351,36 @@ class DecoderLayer(nnx.Module):
         return x, (keys, values)
 
 
+def _layer_stack(layers: list[nnx.Module], config: T5Config) -> nnx.Module:
+    """The layers of one stack: stacked for `scan_layers`, else an nnx.List."""
+    return scan.stack_modules(layers) if config.scan_layers else nnx.List(layers)
+
+
+def _stack_rngs(rng: jax.Array | None, num_layers: int):
+    """Dropout keys of a stack: (embedding dropout, [num_layers] per-layer keys, final dropout); Nones if rng is
+    None. A scanned and a per-layer stack get the same keys."""
+    if rng is None:
+        return None, None, None
+    keys = jax.random.split(rng, num_layers + 2)
+    return keys[0], keys[1:-1], keys[-1]
+
+
+def _per_layer(keys: jax.Array | None, num_layers: int) -> list:
+    return [None] * num_layers if keys is None else list(keys)
+
+
 class Encoder(nnx.Module):
     """Encoder stack: dropout(embeddings) -> layers (shared bidirectional position bias) -> final norm -> dropout."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relative_bias = RelativePositionBias(config, bidirectional=True, rngs=rngs)
-        self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
+        self.layers = _layer_stack([EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)],
+                                   config)
         self.final_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
         self.remat_policy = config.remat_policy
+        self.scan_layers = config.scan_layers
+        self.num_layers = config.num_encoder_layers
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Embedded inputs x [batch, length, embed], mask bool [batch, 1, 1 or length, length].
@@ -355,12 +389,16 @@ class Encoder(nnx.Module):
         """
         positions = jnp.arange(x.shape[1])
         bias = self.relative_bias(positions, positions) + mask_to_bias(mask)
-        rngs = split_rng(dropout_rng, len(self.layers) + 2)
-        x = dropout(x, self.dropout_rate, rngs[0])
-        run = remat(lambda layer, x, bias, rng: layer(x, bias, dropout_rng=rng), self.remat_policy)
-        for layer, rng in zip(self.layers, rngs[1:-1]):
-            x = run(layer, x, bias, rng)
-        return dropout(self.final_norm(x), self.dropout_rate, rngs[-1])
+        first_rng, layer_rngs, last_rng = _stack_rngs(dropout_rng, self.num_layers)
+        x = dropout(x, self.dropout_rate, first_rng)
+        if self.scan_layers:
+            x, _ = scan.scan(self.layers, lambda layer, x, rng: (layer(x, bias, dropout_rng=rng), None), x,
+                             layer_rngs, remat_policy=self.remat_policy)
+        else:
+            run = remat(lambda layer, x, bias, rng: layer(x, bias, dropout_rng=rng), self.remat_policy)
+            for layer, rng in zip(self.layers, _per_layer(layer_rngs, self.num_layers)):
+                x = run(layer, x, bias, rng)
+        return dropout(self.final_norm(x), self.dropout_rate, last_rng)
 
 
 class Decoder(nnx.Module):
@@ -368,10 +406,13 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relative_bias = RelativePositionBias(config, bidirectional=False, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
+        self.layers = _layer_stack([DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)],
+                                   config)
         self.final_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
         self.remat_policy = config.remat_policy
+        self.scan_layers = config.scan_layers
+        self.num_layers = config.num_decoder_layers
 
     def __call__(
         self,
@@ -391,25 +432,36 @@ class Decoder(nnx.Module):
         positions = jnp.arange(y.shape[1])
         self_bias = self.relative_bias(positions, positions) + mask_to_bias(self_mask)
         cross_bias = mask_to_bias(cross_mask)
-        rngs = split_rng(dropout_rng, len(self.layers) + 2)
-        y = dropout(y, self.dropout_rate, rngs[0])
+        first_rng, layer_rngs, last_rng = _stack_rngs(dropout_rng, self.num_layers)
+        y = dropout(y, self.dropout_rate, first_rng)
+
         def run_layer(layer, y, encoded, self_bias, cross_bias, rng):
             cross_keys, cross_values = layer.cross_attention.project_kv(encoded)
             return layer(y, self_bias, cross_keys, cross_values, cross_bias, dropout_rng=rng)[0]
 
-        run = remat(run_layer, self.remat_policy)
-        for layer, rng in zip(self.layers, rngs[1:-1]):
-            y = run(layer, y, encoded, self_bias, cross_bias, rng)
-        return dropout(self.final_norm(y), self.dropout_rate, rngs[-1])
+        if self.scan_layers:
+            y, _ = scan.scan(self.layers,
+                             lambda layer, y, rng: (run_layer(layer, y, encoded, self_bias, cross_bias, rng), None),
+                             y, layer_rngs, remat_policy=self.remat_policy)
+        else:
+            run = remat(run_layer, self.remat_policy)
+            for layer, rng in zip(self.layers, _per_layer(layer_rngs, self.num_layers)):
+                y = run(layer, y, encoded, self_bias, cross_bias, rng)
+        return dropout(self.final_norm(y), self.dropout_rate, last_rng)
 
     def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array, max_decode_length: int) -> DecodeCache:
         """encoded [batch, l_in, embed], encoder_mask bool [batch, l_in] -> empty self cache + cross keys / values."""
+        if self.scan_layers:
+            _, (cross_keys, cross_values) = scan.scan(
+                self.layers, lambda layer, carry, _: (carry, layer.cross_attention.project_kv(encoded)), None)
+            empty = jnp.zeros(cross_keys.shape[:2] + (max_decode_length,) + cross_keys.shape[3:], cross_keys.dtype)
+            return DecodeCache(empty, empty, cross_keys, cross_values, encoder_mask=encoder_mask)
         cross = [layer.cross_attention.project_kv(encoded) for layer in self.layers]
         batch, _, heads, kv = cross[0][0].shape
         empty = jnp.zeros((batch, max_decode_length, heads, kv), cross[0][0].dtype)
         return DecodeCache(
-            self_keys=(empty,) * len(self.layers),
-            self_values=(empty,) * len(self.layers),
+            self_keys=(empty,) * self.num_layers,
+            self_values=(empty,) * self.num_layers,
             cross_keys=tuple(k for k, _ in cross),
             cross_values=tuple(v for _, v in cross),
             encoder_mask=encoder_mask,
@@ -424,6 +476,14 @@ class Decoder(nnx.Module):
         causal = mask_to_bias(key_positions <= position)[None, None, None, :]
         self_bias = self.relative_bias(jnp.reshape(position, (1,)), key_positions) + causal
         cross_bias = mask_to_bias(cache.encoder_mask[:, None, None, :])
+        if self.scan_layers:
+            def body(layer, y, layer_cache):
+                self_keys, self_values, cross_keys, cross_values = layer_cache
+                return layer(y, self_bias, cross_keys, cross_values, cross_bias, cache=(self_keys, self_values),
+                             cache_index=position)
+            y, (keys, values) = scan.scan(self.layers, body, y, (cache.self_keys, cache.self_values,
+                                                                 cache.cross_keys, cache.cross_values))
+            return self.final_norm(y), cache._replace(self_keys=keys, self_values=values)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             y, (keys, values) = layer(

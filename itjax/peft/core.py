@@ -17,12 +17,15 @@ import abc
 
 import contextlib
 import contextvars
+import math
 from typing import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from itjax.config import ConfigError
+from itjax.models import scan
 from itjax.models.layers import Dense
 
 
@@ -102,14 +105,47 @@ def replace(module: nnx.Module, path: tuple, new: nnx.Module) -> None:
         setattr(parent, key, new)
 
 
+def stack_shape(layer: Dense) -> tuple[int, ...]:
+    """The leading layer-stack dims of a Dense inside a `scan_layers` stack ((L,)), else ()."""
+    axes = _kernel_axes(layer)
+    lead = 0
+    while lead < len(axes) and axes[lead] == scan.LAYER_AXIS:
+        lead += 1
+    return tuple(layer.kernel.shape[:lead])
+
+
+def stack_axes(layer: Dense) -> tuple:
+    """Logical names of `stack_shape(layer)`: what an adapter variable of this layer puts in front of its own."""
+    return (scan.LAYER_AXIS,) * len(stack_shape(layer))
+
+
+def in_shape(layer: Dense) -> tuple[int, ...]:
+    """A Dense layer's input dims (without layer-stack dims)."""
+    lead = len(stack_shape(layer))
+    return tuple(layer.kernel.shape[lead:lead + layer.num_in_dims])
+
+
+def out_shape(layer: Dense) -> tuple[int, ...]:
+    return tuple(layer.kernel.shape[len(stack_shape(layer)) + layer.num_in_dims:])
+
+
 def out_axes(layer: Dense) -> tuple:
     """Logical axis names of a Dense layer's output dims (from its kernel's metadata)."""
-    axes = _kernel_axes(layer)
-    return axes[layer.num_in_dims:]
+    return _kernel_axes(layer)[len(stack_shape(layer)) + layer.num_in_dims:]
 
 
 def in_axes(layer: Dense) -> tuple:
-    return _kernel_axes(layer)[:layer.num_in_dims]
+    lead = len(stack_shape(layer))
+    return _kernel_axes(layer)[lead:lead + layer.num_in_dims]
+
+
+def stacked_init(init, key: jax.Array, stack: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """`init(key, shape)` for one layer, or independent draws [*stack, *shape] for a layer stack (so fan-in based
+    initialisers see one layer's fans)."""
+    if not stack:
+        return init(key, shape, jnp.float32)
+    keys = jax.random.split(key, math.prod(stack))
+    return jax.vmap(lambda k: init(k, shape, jnp.float32))(keys).reshape(stack + shape)
 
 
 def _kernel_axes(layer: Dense) -> tuple:
@@ -155,8 +191,13 @@ def adapter_dropout(key: jax.Array | None) -> Iterator[None]:
 
 
 def dropout_key(layer_id: int) -> jax.Array | None:
+    """The dropout key of adapter `layer_id` (in a `scan_layers` stack, also of the scanned layer), or None."""
     key = _DROPOUT_KEY.get()
-    return None if key is None else jax.random.fold_in(key, layer_id)
+    if key is None:
+        return None
+    key = jax.random.fold_in(key, layer_id)
+    index = scan.current_layer_index()
+    return key if index is None else jax.random.fold_in(key, index)
 
 
 def submodule_dict(tree: dict, path: Sequence) -> dict:

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from itjax.models import scan
 from itjax.peft.core import PeftConfigError, path_name
 from itjax.peft.lora import LoRA, lora_layers
 
@@ -69,9 +70,11 @@ def save_peft_adapter(out_dir: str, adapter: Any, lora: LoRA, *, base_model_name
 
     lora: the run's LoRA settings (rank, alpha, dropout). The task type (SEQ_2_SEQ_LM for T5, CAUSAL_LM for
     Llama) and the target module names come from the adapter's own layers. Returns `out_dir`.
+    A `scan_layers` run's stacked adapter is written per layer, as peft names it.
     """
     from safetensors.numpy import save_file
 
+    adapter = scan.unstack_layers(jax.device_get(adapter))
     tensors = peft_tensors(adapter)
     layers = list(lora_layers(jax.device_get(adapter)))
     ranks = {np.shape(a)[-1] for a, _ in lora_layers(jax.device_get(adapter)).values()}

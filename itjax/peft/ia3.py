@@ -6,7 +6,7 @@ Surgery swaps the targeted Dense layers for `IA3Dense`, which adopts the layer's
     ia3_scale  [*out_dims]  (key / value projections: scales the output)   axes = the kernel's output axes
     ia3_scale  [*in_dims]   (MLP down projection: scales the input, i.e. the intermediate activation)
 
-initialised to ones, so step 0 equals the base. Defaults follow peft: T5 k, v and wo (feed-forward: wo); Llama
+initialised to ones, so step 0 equals the base (with a leading [num_layers] dim in a `scan_layers` stack). Defaults follow peft: T5 k, v and wo (feed-forward: wo); Llama
 k_proj, v_proj and down_proj (feed-forward: down_proj).
 """
 
@@ -32,10 +32,10 @@ class IA3Dense(Dense):
 
     def __init__(self, base: Dense, *, scale_input: bool):
         core.adopt_dense(self, base)
-        n = base.num_in_dims
-        dims = base.kernel.shape[:n] if scale_input else base.kernel.shape[n:]
+        dims = core.in_shape(base) if scale_input else core.out_shape(base)
         axes = core.in_axes(base) if scale_input else core.out_axes(base)
-        self.ia3_scale = AdapterParam(jnp.ones(tuple(dims), jnp.float32), out_sharding=axes)
+        self.ia3_scale = AdapterParam(jnp.ones(core.stack_shape(base) + dims, jnp.float32),
+                                      out_sharding=core.stack_axes(base) + axes)
         self.scale_input = scale_input
 
     def __call__(self, x: jax.Array) -> jax.Array:

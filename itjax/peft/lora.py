@@ -5,6 +5,7 @@ Surgery replaces each targeted `Dense` by a `LoRADense` that adopts the layer's 
     lora_a  [*in_dims, rank]    logical axes (*kernel input axes, None)    init U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     lora_b  [rank, *out_dims]   logical axes (None, *kernel output axes)   init 0, so step 0 equals the base
 
+(with a leading [num_layers] 'layers' dim, independent draws per layer, in a `scan_layers` stack)
 (peft's / torch Linear's kaiming_uniform(a=sqrt(5)) for A, zeros for B). Dropout (`LoRA.dropout`) is applied to
 the adapter's input only, as in peft. Target names are the layers' attribute names: q, k, v, o, wi / wi_0, wi_1,
 wo, lm_head for T5; q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head for Llama.
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from itjax.models import scan
 from itjax.models.layers import Dense, dropout
 from itjax.peft import core
 from itjax.peft.core import AdapterParam, PeftConfigError
@@ -35,17 +37,17 @@ class LoRADense(Dense):
     def __init__(self, base: Dense, *, rank: int, alpha: float, dropout_rate: float, layer_id: int,
                  rngs: nnx.Rngs, where: str):
         core.adopt_dense(self, base)
-        n = base.num_in_dims
-        in_shape, out_shape = tuple(base.kernel.shape[:n]), tuple(base.kernel.shape[n:])
+        in_shape, out_shape, stack = core.in_shape(base), core.out_shape(base), core.stack_shape(base)
         fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
         if rank > min(fan_in, fan_out):
             raise PeftConfigError(f"LoRA.rank={rank} is larger than layer {where} allows ({fan_in} inputs -> "
                                   f"{fan_out} outputs); use LoRA.rank <= {min(fan_in, fan_out)}.")
         init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-        a = init(rngs.params(), (fan_in, rank), jnp.float32).reshape(in_shape + (rank,))
-        self.lora_a = AdapterParam(a, out_sharding=core.in_axes(base) + (None,))
-        self.lora_b = AdapterParam(jnp.zeros((rank,) + out_shape, jnp.float32),
-                                   out_sharding=(None,) + core.out_axes(base))
+        a = core.stacked_init(init, rngs.params(), stack, (fan_in, rank)).reshape(stack + in_shape + (rank,))
+        lead = core.stack_axes(base)
+        self.lora_a = AdapterParam(a, out_sharding=lead + core.in_axes(base) + (None,))
+        self.lora_b = AdapterParam(jnp.zeros(stack + (rank,) + out_shape, jnp.float32),
+                                   out_sharding=lead + (None,) + core.out_axes(base))
         self.scaling = alpha / rank
         self.dropout_rate = dropout_rate
         self.layer_id = layer_id
@@ -137,10 +139,12 @@ def merge_lora(base: Any, adapter: Any, *, alpha: float) -> Any:
     """Base params with every LoRA update folded into its kernel (`W + alpha / r * A B`): a plain model's params.
 
     base: the frozen parameter pure dict; adapter: the LoRA adapter pure dict (the train state's `params`).
-    alpha: `LoRA.alpha` of the run (r is read from the adapter's shapes). Returns a new dict of numpy arrays.
+    alpha: `LoRA.alpha` of the run (r is read from the adapter's shapes). Returns a new dict of numpy arrays, in the
+    base's layer layout (per layer, or stacked for `scan_layers` models).
     """
-    merged = jax.tree.map(np.asarray, jax.device_get(base))
-    for path, (a, b) in lora_layers(jax.device_get(adapter)).items():
+    stacked = scan.is_stacked(base)
+    merged = scan.unstack_layers(jax.tree.map(np.asarray, jax.device_get(base)))
+    for path, (a, b) in lora_layers(scan.unstack_layers(jax.device_get(adapter))).items():
         node = core.submodule_dict(merged, path)
         kernel = node["kernel"]
         delta = lora_delta(a, b, alpha / np.shape(a)[-1])
@@ -148,4 +152,4 @@ def merge_lora(base: Any, adapter: Any, *, alpha: float) -> Any:
             raise PeftConfigError(f"merge_lora: adapter for {core.path_name(path)} has shape {delta.shape}, the "
                                   f"base kernel {kernel.shape}: the adapter belongs to another model.")
         node["kernel"] = (kernel.astype(np.float32) + delta).astype(kernel.dtype)
-    return merged
+    return scan.stack_layers(merged, stack=np.stack) if stacked else merged

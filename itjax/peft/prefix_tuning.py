@@ -6,6 +6,8 @@ Llama self-attention. Per attention layer (`extra_kv` hook of `t5.Attention` / `
 
     prefix_keys, prefix_values   [P, heads, head_dim]   logical axes (None, 'heads', 'kv')   init N(0, init_scale^2)
 
+(in a `scan_layers` stack: one Prefix for the stack, [num_layers, P, heads, head_dim], axes ('layers', ...)).
+
 With `reparameterize=True` (the paper's stabilising MLP) the prefixes of all layers are instead computed from one
 shared `PrefixMLP`: embedding [P, embed] -> tanh(x W1 + b1) [P, hidden] -> W2 + b2 -> [P, layers, 2, heads, kv].
 """
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from itjax.models import scan
 from itjax.models.llama import LlamaAttention
 from itjax.models.t5 import Attention
 from itjax.peft import core
@@ -45,14 +48,14 @@ class Prefix(nnx.Module):
     """One attention layer's prefix: its own keys / values, or slice `layer` of a shared PrefixMLP."""
 
     def __init__(self, *, length: int, heads: int, head_dim: int, init_scale: float, rngs: nnx.Rngs,
-                 mlp: PrefixMLP | None = None, layer: int = 0):
+                 mlp: PrefixMLP | None = None, layer: int = 0, stack: tuple[int, ...] = ()):
         self.length = length
         if mlp is None:
-            shape = (length, heads, head_dim)
-            self.prefix_keys = AdapterParam(init_scale * jax.random.normal(rngs.params(), shape),
-                                            out_sharding=(None, "heads", "kv"))
+            shape = stack + (length, heads, head_dim)  # stack: (num_layers,) for a `scan_layers` stack
+            axes = (scan.LAYER_AXIS,) * len(stack) + (None, "heads", "kv")
+            self.prefix_keys = AdapterParam(init_scale * jax.random.normal(rngs.params(), shape), out_sharding=axes)
             self.prefix_values = AdapterParam(init_scale * jax.random.normal(rngs.params(), shape),
-                                              out_sharding=(None, "heads", "kv"))
+                                              out_sharding=axes)
         self.mlp = mlp
         self.layer = layer
 
@@ -85,9 +88,12 @@ def self_attention_layers(module: nnx.Module) -> dict[tuple, nnx.Module]:
             or isinstance(node, LlamaAttention)}
 
 
+def _key_projection(attention):
+    return attention.k if isinstance(attention, Attention) else attention.k_proj
+
+
 def _heads(attention) -> tuple[int, int]:
-    kernel = attention.k.kernel if isinstance(attention, Attention) else attention.k_proj.kernel
-    return tuple(kernel.shape[1:])
+    return core.out_shape(_key_projection(attention))
 
 
 @gin.configurable(module="itjax.peft")
@@ -121,6 +127,11 @@ class PrefixTuning(core.PeftMethod):
             raise PeftConfigError(f"PrefixTuning: {type(module).__name__} has no self-attention layers.")
         shapes = {_heads(attention) for _, attention in layers}
         mlp = None
+        stacked = [core.path_name(path) for path, attention in layers if core.stack_shape(_key_projection(attention))]
+        if self.reparameterize and stacked:
+            raise PeftConfigError(f"PrefixTuning.reparameterize=True needs per-layer attention, but {stacked} are "
+                                  "scanned layer stacks; set scan_layers=False in the model config (T5Config / "
+                                  "LlamaConfig) or PrefixTuning.reparameterize=False.")
         if self.reparameterize:
             if len(shapes) != 1:
                 raise PeftConfigError(f"PrefixTuning.reparameterize: attention layers differ in shape {shapes}.")
@@ -131,5 +142,6 @@ class PrefixTuning(core.PeftMethod):
         for index, (_, attention) in enumerate(layers):
             heads, head_dim = _heads(attention)
             attention.extra_kv = Prefix(length=self.length, heads=heads, head_dim=head_dim,
-                                        init_scale=self.init_scale, rngs=rngs, mlp=mlp, layer=index)
+                                        init_scale=self.init_scale, rngs=rngs, mlp=mlp, layer=index,
+                                        stack=core.stack_shape(_key_projection(attention)))
         return module
