@@ -2,13 +2,15 @@
 
 Builds the model abstractly, derives every parameter's and optimizer-state leaf's sharding on the configured mesh,
 compiles the train step for abstract batches, and reports parameter count, per-device parameter and optimizer
-bytes, and XLA's memory estimate for the compiled step. This is how a 3B or 8B configuration is checked on a laptop
+bytes, the time to trace and compile the step (what `scan_layers` shrinks), and XLA's memory estimate for the
+compiled step. This is how a 3B or 8B configuration is checked on a laptop
 (with fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Mapping
 
 import jax
@@ -59,11 +61,14 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
     """Compiles the train step abstractly; returns the figures (bytes are per device)."""
     converter = trainer.model.feature_converter_cls(pack=pack)
     batch = abstract_batch(converter, task_feature_lengths, batch_size, trainer.partitioner.batch_sharding)
+    start = time.perf_counter()
     compiled = trainer.compile_train_step(batch)
+    compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     figures = {
         "mesh": dict(trainer.partitioner.mesh.shape),
         "parameters": trainer.num_params,
+        "compile_seconds": round(compile_seconds, 1),
         "param_bytes_per_device": per_device_bytes(trainer.abstract_state["params"]),
         "optimizer_bytes_per_device": per_device_bytes(trainer.abstract_state["opt_state"]),
         "saved_activation_bytes_global": saved_activation_bytes(trainer, batch),
@@ -78,7 +83,8 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
 
 
 def format_report(figures: Mapping[str, Any]) -> str:
-    lines = [f"mesh: {figures['mesh']}", f"parameters: {figures['parameters']:,}"]
+    lines = [f"mesh: {figures['mesh']}", f"parameters: {figures['parameters']:,}",
+             f"train step trace + compile: {figures['compile_seconds']} s"]
     for key, value in figures.items():
         if "_bytes" in key:
             lines.append(f"{key}: {value / 2**30:.3f} GiB")

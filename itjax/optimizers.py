@@ -3,16 +3,21 @@
 `adafactor` reproduces T5X's default Adafactor (`t5x.adafactor.Adafactor` as configured in T5X's gin files):
 factored second moments for matrices whose two largest dims are >= 128, decay rate 0.8 (beta2_t = 1 - t^-0.8),
 update clipping at RMS 1.0, updates scaled by the parameter's RMS (floored at 1e-3), no momentum, epsilon 1e-30.
-optax.adafactor is the same algorithm; only the defaults are set here.
+optax.adafactor is the same algorithm; only the defaults are set here. In `scan_layers` models Adafactor runs per
+layer of each stack (`per_layer_in_stacks`), as T5X's Adafactor treats the 'layers' axis as a batch dimension: its
+factoring, update clipping and parameter scale are per-tensor statistics, which must not mix the layers.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import gin
+import jax
 import jax.numpy as jnp
 import optax
+
+from itjax.models import scan
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -72,6 +77,7 @@ def adafactor(learning_rate: Schedule | float = gin.REQUIRED, decay_rate: float 
         decay_offset=0, multiply_by_parameter_scale=multiply_by_parameter_scale,
         clipping_threshold=clipping_threshold, momentum=momentum, weight_decay_rate=weight_decay_rate,
         eps=epsilon1, factored=True)
+    tx = per_layer_in_stacks(tx)
     if global_norm_clip:
         tx = optax.chain(optax.clip_by_global_norm(global_norm_clip), tx)
     return tx
@@ -85,3 +91,54 @@ def adamw(learning_rate: Schedule | float = gin.REQUIRED, b1: float = 0.9, b2: f
     if global_norm_clip:
         tx = optax.chain(optax.clip_by_global_norm(global_norm_clip), tx)
     return tx
+
+
+def per_layer_in_stacks(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` applied to each layer of every `scan_layers` stack on its own (vmapped over the leading [L] axis of the
+    parameters under `.../layers/...`), and as is to every other parameter.
+
+    For a per-tensor transformation (no statistic across parameters: not global-norm clipping) this makes a stacked
+    model's update equal the per-layer model's. A model without stacks gets `tx` unchanged (same state).
+    """
+    def combined(params: Any) -> optax.GradientTransformation | None:
+        labels = _stack_labels(params)
+        stacks = sorted(set(jax.tree.leaves(labels)) - {_OTHER})
+        if not stacks:
+            return None
+        return optax.multi_transform({**{stack: _vmapped(tx) for stack in stacks}, _OTHER: tx}, labels)
+
+    def init(params):
+        return (combined(params) or tx).init(params)
+
+    def update(updates, state, params=None):
+        return (combined(updates) or tx).update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+_OTHER = "other"
+
+
+def _stack_labels(params: Any) -> Any:
+    """Each leaf's stack (its path up to `layers`, e.g. 'encoder/layers', for paths `.../layers/<name>/...`), or
+    'other' outside stacks: one vmap per stack, since stacks may differ in depth."""
+    def label(path, _):
+        keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path]
+        for i, key in enumerate(keys[:-1]):
+            if key == scan.LAYER_AXIS and not keys[i + 1].isdigit():
+                return "/".join(keys[:i + 1])
+        return _OTHER
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _vmapped(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` over leaves stacked [L, ...]: each layer's slice gets its own state (stacked [L, ...])."""
+    def init(params):
+        return jax.vmap(tx.init)(params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            return jax.vmap(lambda u, s: tx.update(u, s))(updates, state)
+        return jax.vmap(tx.update)(updates, state, params)
+
+    return optax.GradientTransformation(init, update)

@@ -171,18 +171,21 @@ class Partitioner:
     def optimizer_state_shardings(self, opt_state: Any, params: Any, param_shardings: Any) -> Any:
         """Shardings for an optax state: a leaf shaped like its parameter takes the parameter's sharding.
 
-        Optimizer state leaves are found by their dict key path (optax wraps the parameter tree in NamedTuples,
-        so the trailing dict keys of a leaf's path are its parameter's path). Anything else (step counts,
-        Adafactor's factored row / column statistics) is small and replicated.
+        Optimizer state leaves are found by their dict key path (optax wraps the parameter tree in NamedTuples and
+        sometimes dicts, e.g. multi_transform's labels, so the trailing dict keys of a leaf's path are its
+        parameter's path). Anything else (step counts, Adafactor's factored row / column statistics) is small and
+        replicated.
         """
         by_path = {}
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             by_path[_dict_keys(path)] = (np.shape(leaf), _get(param_shardings, path))
 
         def leaf_sharding(path, leaf):
-            entry = by_path.get(_dict_keys(path))
-            if entry is not None and entry[0] == np.shape(leaf):
-                return entry[1]
+            keys = _dict_keys(path)
+            for start in range(len(keys)):
+                entry = by_path.get(keys[start:])
+                if entry is not None and entry[0] == np.shape(leaf):
+                    return entry[1]
             return self.replicated
         return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
 
