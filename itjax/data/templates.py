@@ -217,8 +217,16 @@ def _strip_trailing_spaces(text: tf.Tensor) -> tf.Tensor:
 
 
 def _all_templates(templates: Sequence[Template], record, options_field, fn) -> tf.Tensor:
-    """[num_templates] strings: fn(template, record, options_field) for every template."""
+    """[num_templates] strings: fn(template, record, options_field) for every template (few-shot exemplars need
+    them all: the query's template is chosen later)."""
     return tf.stack([fn(t, record, options_field) for t in templates])
+
+
+def _one_template(templates: Sequence[Template], record, options_field, fn, index: tf.Tensor) -> tf.Tensor:
+    """fn(templates[index], record, options_field): only the chosen template is rendered (tf.switch_case), so a
+    task with many templates costs one rendering per record on the input pipeline's hot path."""
+    branches = [lambda t=t: fn(t, record, options_field) for t in templates]
+    return tf.switch_case(index, branches)
 
 
 def _inputs(t: Template, record, options_field) -> tf.Tensor:
@@ -249,8 +257,8 @@ def apply_templates(ds: tf.data.Dataset, templates: Sequence[Template], *, task_
     def fill(ex):
         out = dict(ex)
         idx = ex[TEMPLATE_IDX_KEY]
-        out["inputs"] = tf.gather(_all_templates(templates, ex, options_field, _inputs), idx)
-        out["targets"] = tf.gather(_all_templates(templates, ex, options_field, _targets), idx)
+        out["inputs"] = _one_template(templates, ex, options_field, _inputs, idx)
+        out["targets"] = _one_template(templates, ex, options_field, _targets, idx)
         return out
 
     return ds.map(fill, num_parallel_calls=tf.data.AUTOTUNE)
@@ -291,8 +299,8 @@ def fewshot_query_features(ds: tf.data.Dataset, templates: Sequence[Template], *
     def fill(ex):
         out = dict(ex)
         idx = ex[TEMPLATE_IDX_KEY]
-        out["inputs"] = tf.gather(_all_templates(templates, ex, options_field, _exemplar_inputs), idx)
-        out["targets"] = tf.strings.strip(tf.gather(_all_templates(templates, ex, options_field, _targets), idx))
+        out["inputs"] = _one_template(templates, ex, options_field, _exemplar_inputs, idx)
+        out["targets"] = tf.strings.strip(_one_template(templates, ex, options_field, _targets, idx))
         return out
 
     return ds.map(fill, num_parallel_calls=tf.data.AUTOTUNE)
