@@ -179,11 +179,13 @@ def _randomize_adapters(module, seed):
     nnx.update(module, state)
 
 
-@pytest.mark.parametrize("method", [LoRA(rank=2, target_modules=("q_proj", "v_proj", "down_proj")), IA3(),
-                                    PrefixTuning(length=3)], ids=["lora", "ia3", "prefix"])
-def test_peft_adapters_on_a_scanned_stack_equal_per_layer_adapters(method):
-    config = dataclasses.replace(LLAMA, dropout_rate=0.0)
-    per_layer, scanned = _pair(config, Llama)
+@pytest.mark.parametrize("family,method", [
+    ("llama", LoRA(rank=2, target_modules=("q_proj", "v_proj", "down_proj"))), ("llama", IA3()),
+    ("llama", PrefixTuning(length=3)), ("t5", PrefixTuning(length=3))], ids=["lora", "ia3", "prefix", "t5_prefix"])
+def test_peft_adapters_on_a_scanned_stack_equal_per_layer_adapters(family, method):
+    config, cls = (LLAMA, Llama) if family == "llama" else (T5_CONFIG, T5)
+    config = dataclasses.replace(config, dropout_rate=0.0)
+    per_layer, scanned = _pair(config, cls)
     method.apply(per_layer, nnx.Rngs(params=1))
     method.apply(scanned, nnx.Rngs(params=1))
     _randomize_adapters(per_layer, 2)
@@ -193,7 +195,7 @@ def test_peft_adapters_on_a_scanned_stack_equal_per_layer_adapters(method):
     state = nnx.state(scanned, AdapterParam)
     nnx.replace_by_pure_dict(state, stacked_adapter)
     nnx.update(scanned, state)
-    assert np.abs(_forward(per_layer) - _forward(Llama(config, rngs=nnx.Rngs(0)))).max() > 1e-3  # not a no-op
+    assert np.abs(_forward(per_layer) - _forward(cls(config, rngs=nnx.Rngs(0)))).max() > 1e-3  # not a no-op
     np.testing.assert_allclose(_forward(scanned), _forward(per_layer), atol=1e-5)
 
 
