@@ -124,7 +124,10 @@ class Evaluation:
             indices = [int(i) for i, _ in indexed]
             examples = [ex for _, ex in indexed]
             tokens = []
+            width = prompt_width(examples)
             for n, batch in self._batches(examples):
+                if width is not None:  # decoder-only rows: generation needs only the prompt columns
+                    batch = {k: v[:, :width] for k, v in batch.items()}
                 out = trainer.predict(params, to_global(batch, sharding, host_local=False), self.max_decode_length,
                                       self.eos_id)
                 tokens.extend(np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))[:n])
@@ -173,6 +176,18 @@ def _micro_average(results: Mapping[str, Mapping[str, float]]) -> dict[str, floa
     out = {k: sum(r[k] * r["num_examples"] for r in results.values()) / max(total, 1) for k in sorted(keys)}
     out["num_examples"] = total
     return out
+
+
+def prompt_width(examples: Sequence[Mapping[str, np.ndarray]], multiple: int = 16) -> int | None:
+    """Columns a decoder-only eval batch needs for generation: the longest prompt (`decoder_causal_attention`)
+    rounded up to `multiple` (one compiled shape per task), at most the row width. None for encoder-decoder
+    features. Trimming the target columns shrinks the prefill and the KV cache (row width + decode length before).
+    """
+    if not examples or "decoder_causal_attention" not in examples[0]:
+        return None
+    row_width = examples[0]["decoder_causal_attention"].shape[-1]
+    longest = max(int(np.max(np.nonzero(ex["decoder_causal_attention"])[0], initial=0)) + 1 for ex in examples)
+    return min(row_width, -(-longest // multiple) * multiple)
 
 
 class PredictionsLogger(seqio.Logger):
