@@ -1,10 +1,26 @@
-"""Test session setup: 8 fake CPU devices (for the sharding tests) before JAX initialises, quiet TF logs."""
+"""Test session setup: 8 fake CPU devices (for the sharding tests) before JAX initialises, quiet TF logs, and one
+JAX compilation cache for the session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# JAX's persistent compilation cache, fresh for each session: many tests run the same program again (every
+# in-process `itjax.train` / `itjax.infer` builds a new Trainer, whose jitted steps miss JAX's in-memory cache), and
+# an executable compiled once is then loaded instead of compiled again. Set in the environment, so notebook kernels
+# and `python -m itjax.*` subprocesses started by the tests share it. Keys cover the program, its shardings, the
+# devices and the JAX/XLA versions, so a hit is the same executable; compilation itself stays exercised by the
+# first test that needs each program.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="itjax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny models compile in < 1 s
 
 import gin  # noqa: E402
 import pytest  # noqa: E402

@@ -92,13 +92,19 @@ EXAMPLES = [{"inputs": [5, 6, 7], "targets": [8, 9, 1]}, {"inputs": [10, 11], "t
 LENGTHS = {"inputs": 4, "targets": 5}
 
 
+# The plain full forward pass, the reference below; jitted (one compile per sequence length) because op-by-op it
+# compiles every primitive again for each new length.
+_forward = nnx.jit(lambda module, tokens: module(tokens))
+
+
 def test_packed_loss_equals_the_sum_of_separate_losses(model_and_module):
     model, module = model_and_module
     packed = _batch(EXAMPLES, LENGTHS, pack=True)
     assert packed["decoder_segment_ids"].shape[0] < len(EXAMPLES)  # several examples share a row
     separate = _batch(EXAMPLES, LENGTHS, pack=False)
-    terms_p = model.loss_terms(module, packed, packed["decoder_loss_weights"].astype(jnp.float32))
-    terms_s = model.loss_terms(module, separate, separate["decoder_loss_weights"].astype(jnp.float32))
+    loss_terms = nnx.jit(model.loss_terms)  # compiled, as in training (op by op it is several times slower)
+    terms_p = loss_terms(module, packed, packed["decoder_loss_weights"].astype(jnp.float32))
+    terms_s = loss_terms(module, separate, separate["decoder_loss_weights"].astype(jnp.float32))
     assert float(terms_p["tokens"]) == float(terms_s["tokens"]) == 9.0
     np.testing.assert_allclose(float(terms_p["loss_sum"]), float(terms_s["loss_sum"]), rtol=1e-5)
 
@@ -106,10 +112,10 @@ def test_packed_loss_equals_the_sum_of_separate_losses(model_and_module):
 def test_score_is_the_target_log_likelihood(model_and_module):
     model, module = model_and_module
     batch = _batch(EXAMPLES, LENGTHS, pack=False)
-    scores = model.score(module, batch)
+    scores = nnx.jit(model.score)(module, batch)
     for i, ex in enumerate(EXAMPLES):
         sequence = [2] + ex["inputs"] + ex["targets"]
-        logits = module(jnp.asarray([sequence[:-1]], jnp.int32))[0]
+        logits = _forward(module, jnp.asarray([sequence[:-1]], jnp.int32))[0]
         log_probs = jax.nn.log_softmax(logits)
         first_target = len(ex["inputs"])  # position predicting targets[0] (BOS shifts by one)
         expected = sum(float(log_probs[first_target + j, t]) for j, t in enumerate(ex["targets"]))
@@ -123,7 +129,7 @@ def test_predict_continues_the_prompt_like_naive_greedy(model_and_module):
     for i, ex in enumerate(EXAMPLES):
         sequence, expected = [2] + ex["inputs"], []
         for _ in range(6):
-            token = int(jnp.argmax(module(jnp.asarray([sequence], jnp.int32))[0, -1]))
+            token = int(jnp.argmax(_forward(module, jnp.asarray([sequence], jnp.int32))[0, -1]))
             expected.append(token)
             sequence.append(token)
             if token == 1:
@@ -138,6 +144,7 @@ def test_quickstart_decoder_trains_and_evaluates(tmp_path, pack):
     assert train_lib.main([
         "--gin_file=quickstart_decoder.gin", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=8",
         "--gin.BATCH_SIZE=8", f"--gin.train.pack={pack}", "--gin.train.eval_num_examples=2",
+        "--gin.train.eval_batch_size=8",
         "--gin.train.eval_period=0", "--gin.train.log_period=1", "--gin.train.async_checkpointing=False",
         "--gin.cosine_decay_schedule.warmup_steps=2", "--no_progress"]) == 0
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:

@@ -2,7 +2,8 @@
 
 A tiny random HF Llama is converted, fine-tuned for a few steps on the quickstart mixture (fully, and with LoRA),
 exported with the CLI and loaded with transformers: its logits equal itjax's for the trained weights; the LoRA
-run's unmerged adapter loads with peft onto the original HF model with the same logits.
+run's unmerged adapter loads with peft onto the original HF model with the same logits. The same holds for runs
+that scan over layers (stacked parameters, loaded from the per-layer converted checkpoint, exported per layer).
 """
 
 import os
@@ -43,6 +44,7 @@ def _train(root, name, *extra):
         "--gin_file=quickstart_decoder.gin", f"--gin_file={root / 'converted' / 'model.gin'}", *extra,
         f"--gin.MODEL_DIR='{model_dir}'", f"--gin.train.initial_checkpoint_path='{root / 'converted'}'",
         "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
+        "--gin.train.eval_batch_size=8",
         "--gin.train.async_checkpointing=False", "--gin.cosine_decay_schedule.warmup_steps=1", "--no_progress"]) == 0
     return model_dir
 
@@ -104,3 +106,45 @@ def test_from_run_refuses_what_it_cannot_export(hf_and_converted, tmp_path):
         convert.main(["--from_run", str(root / "full"), "--out_dir", str(root / "converted")])
     with pytest.raises(SystemExit, match="--merge_lora: .* is not a LoRA run"):
         convert.main(["--merge_lora", str(root / "full"), "--out_dir", str(tmp_path / "merged")])
+
+
+def test_scanned_runs_export_to_hf(hf_and_converted):
+    """Scanned full and LoRA runs start from the per-layer converted checkpoint (stacked on load) and export per
+    layer: transformers' logits equal the scanned itjax model's, merged and through peft."""
+    peft = pytest.importorskip("peft")
+    from flax import nnx
+    import optax
+    from itjax.models import scan
+    from itjax.partitioning import Partitioner
+    from itjax.trainer import Trainer
+
+    root = hf_and_converted
+    scanned = ("--gin.LlamaConfig.scan_layers=True", "--gin.LlamaConfig.remat_policy='full'")
+    run = _train(root, "scan_full", *scanned)
+    convert.main(["--from_run", run, "--out_dir", str(root / "scan_full_out"), "--to_hf", "--hf_dir",
+                  str(root / "scan_full_hf")])
+    bindings = _run_bindings(run)
+    params = _restore_full_run(run, bindings, None)
+    assert bindings["model"].config.scan_layers and scan.is_stacked(params)
+    module = bindings["model"].make_module(0)
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(module, state)
+    exported = _hf_logits(root / "scan_full_hf")
+    np.testing.assert_allclose(exported, _itjax_logits(module), atol=1e-4)
+    assert np.abs(exported - _hf_logits(root / "hf")).max() > 1e-3  # training changed the model
+
+    run = _train(root, "scan_lora", *scanned, "--gin_file=peft/lora.gin", "--gin.LoRA.rank=4")
+    convert.main(["--merge_lora", run, "--out_dir", str(root / "scan_lora_out"), "--peft_out",
+                  str(root / "scan_adapter"), "--to_hf", "--hf_dir", str(root / "scan_lora_hf")])
+    base, adapter, lora, model = load_lora_run(run)
+    assert scan.is_stacked(base) and scan.is_stacked(adapter)
+    trainer = Trainer(model, optax.sgd(0.0), Partitioner(devices=jax.devices()[:1]), peft=lora)
+    trainer.base_params = base
+    expected = _itjax_logits(trainer.module(adapter))
+    np.testing.assert_allclose(_hf_logits(root / "scan_lora_hf"), expected, atol=1e-4)
+    assert np.abs(expected - _hf_logits(root / "hf")).max() > 1e-4  # the adapter is not a no-op
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        adapted = peft.PeftModel.from_pretrained(base_hf, str(root / "scan_adapter")).eval()(torch.tensor(TOKENS))
+    np.testing.assert_allclose(adapted.logits.numpy(), expected, atol=1e-4)

@@ -20,7 +20,8 @@ def test_two_process_training_run(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", TF_CPP_MIN_LOG_LEVEL="2")
     command = [sys.executable, "-m", "itjax.train", "--gin_file=quickstart.gin", f"--gin.MODEL_DIR={model_dir}",
                "--gin.TRAIN_STEPS=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}",
-               "--gin.BATCH_SIZE=8", "--gin.train.eval_num_examples=3", "--gin.train.eval_period=0",
+               "--gin.BATCH_SIZE=8", "--gin.train.eval_num_examples=3", "--gin.train.eval_batch_size=8",
+               "--gin.train.eval_period=0",
                "--gin.train.log_period=1", "--gin.train.checkpoint_period=2", "--no_progress",
                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
     processes = [subprocess.Popen(command + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE,

@@ -304,7 +304,8 @@ def test_lora_gin_switch_trains_checkpoints_the_adapter_and_resumes(tmp_path, ca
         return train_lib.main([
             "--gin_file=quickstart.gin", "--gin_file=peft/lora.gin", f"--gin.MODEL_DIR={model_dir}",
             f"--gin.TRAIN_STEPS={steps}", "--gin.TASK_FEATURE_LENGTHS={'inputs': 112, 'targets': 8}",
-            "--gin.BATCH_SIZE=8", "--gin.train.eval_num_examples=2", "--gin.train.eval_period=0",
+            "--gin.BATCH_SIZE=8", "--gin.train.eval_num_examples=2", "--gin.train.eval_batch_size=8",
+            "--gin.train.eval_period=0",
             "--gin.train.log_period=1", "--gin.train.async_checkpointing=False", "--no_progress"])
 
     with caplog.at_level(logging.INFO, logger="itjax"):

@@ -3,13 +3,12 @@
 Both families, built from the same seed, have equal parameters (stacked vs per layer), logits (with and without
 dropout), gradients under a remat policy, and greedy / beam decodes; checkpoints of one layout load into models of
 the other; PEFT adapters on a stacked model equal per-layer adapters; training on 8 fake devices with FSDP follows
-the per-layer run's losses; and a scanned run fine-tuned from a converted HF model exports back to HF (full and
-LoRA, merged and as a peft adapter) with transformers' logits equal to itjax's.
+the per-layer run's losses; Adafactor's statistics stay per layer. (Scanned runs exporting to HF and peft:
+tests/test_export_run.py.)
 """
 
 import dataclasses
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,86 +216,6 @@ def test_prefix_reparameterization_on_a_scanned_stack_is_refused():
     scanned = Llama(dataclasses.replace(LLAMA, scan_layers=True), rngs=nnx.Rngs(0))
     with pytest.raises(PeftConfigError, match="scan_layers=False"):
         PrefixTuning(length=3, reparameterize=True).apply(scanned, nnx.Rngs(params=1))
-
-
-# ------------------------------------------------------------------------------------------------ HF round trip
-HF_TOKENS = np.random.RandomState(0).randint(2, 640, size=(2, 16))
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    torch, transformers = pytest.importorskip("torch"), pytest.importorskip("transformers")
-    from itjax import convert
-
-    root = tmp_path_factory.mktemp("scan_export")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                      bos_token_id=None, eos_token_id=1, pad_token_id=0)
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(root / "hf")
-    convert.main(["--hf_dir", str(root / "hf"), "--out_dir", str(root / "converted")])
-    return root
-
-
-def _train_scanned(root, name, *extra):
-    from itjax import train as train_lib
-
-    gin.clear_config()
-    model_dir = str(root / name)
-    assert train_lib.main([
-        "--gin_file=quickstart_decoder.gin", f"--gin_file={root / 'converted' / 'model.gin'}", *extra,
-        "--gin.LlamaConfig.scan_layers=True", "--gin.LlamaConfig.remat_policy='full'",
-        f"--gin.MODEL_DIR='{model_dir}'", f"--gin.train.initial_checkpoint_path='{root / 'converted'}'",
-        "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
-        "--gin.train.async_checkpointing=False", "--gin.cosine_decay_schedule.warmup_steps=1", "--no_progress"]) == 0
-    return model_dir
-
-
-def _hf_logits(folder):
-    torch, transformers = pytest.importorskip("torch"), pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor(HF_TOKENS)).logits.numpy()
-
-
-def test_scanned_runs_export_to_hf(converted):
-    """A scanned full fine-tuning run and a scanned LoRA run start from the per-layer converted checkpoint and
-    export (per layer) to HF folders whose transformers logits equal the scanned itjax model's."""
-    torch, transformers, peft = (pytest.importorskip(name) for name in ("torch", "transformers", "peft"))
-    from itjax import convert
-    from itjax.conversion.runs import _restore_full_run, _run_bindings
-    from itjax.peft.export import load_lora_run
-
-    root = converted
-    full = _train_scanned(root, "full")
-    convert.main(["--from_run", full, "--out_dir", str(root / "full_out"), "--to_hf", "--hf_dir", str(root / "full_hf")])
-    bindings = _run_bindings(full)
-    assert bindings["model"].config.scan_layers
-    params = _restore_full_run(full, bindings, None)
-    assert scan.is_stacked(params)
-    module = bindings["model"].make_module(0)
-    state = nnx.state(module, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(module, state)
-    expected = np.asarray(module(jnp.asarray(HF_TOKENS, jnp.int32)))
-    exported = _hf_logits(root / "full_hf")
-    np.testing.assert_allclose(exported, expected, atol=1e-4)
-    assert np.abs(exported - _hf_logits(root / "hf")).max() > 1e-3  # training changed the model
-
-    lora_run = _train_scanned(root, "lora", "--gin_file=peft/lora.gin", "--gin.LoRA.rank=4")
-    convert.main(["--merge_lora", lora_run, "--out_dir", str(root / "lora_out"), "--peft_out",
-                  str(root / "adapter"), "--to_hf", "--hf_dir", str(root / "lora_hf")])
-    base, adapter, lora, model = load_lora_run(lora_run)
-    assert scan.is_stacked(base) and scan.is_stacked(adapter)
-    trainer = Trainer(model, optax.sgd(0.0), Partitioner(devices=jax.devices()[:1]), peft=lora)
-    trainer.base_params = base
-    expected = np.asarray(trainer.module(adapter)(jnp.asarray(HF_TOKENS, jnp.int32)))
-    np.testing.assert_allclose(_hf_logits(root / "lora_hf"), expected, atol=1e-4)
-    base_hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
-    with torch.no_grad():
-        adapted = peft.PeftModel.from_pretrained(base_hf, str(root / "adapter")).eval()(torch.tensor(HF_TOKENS))
-    np.testing.assert_allclose(adapted.logits.numpy(), expected, atol=1e-4)
-    assert np.abs(expected - _hf_logits(root / "hf")).max() > 1e-4  # the adapter is not a no-op
 
 
 def test_adafactor_updates_each_layer_of_a_stack_as_the_per_layer_model():

@@ -17,6 +17,7 @@ SMALL = [
     # A schedule that does not depend on TRAIN_STEPS, so a resumed run and a straight one see the same rates.
     "--gin.cosine_decay_schedule.decay_steps=1000",
     "--gin.train.eval_num_examples=3",
+    "--gin.train.eval_batch_size=8",  # not quickstart.gin's 100: 3 examples need no 100-row batches
     "--gin.train.eval_period=0",
     "--gin.train.log_period=1",
     "--gin.train.checkpoint_period=2",
