@@ -6,6 +6,7 @@ periodic logging, checkpoints and evaluation, ending with an evaluation table.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from typing import Callable, Mapping
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from itjax import config as config_lib
 from itjax import dry_run as dry_run_lib
@@ -135,10 +137,12 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
             log.warning("Checkpoint's input position %s differs from its step %d.", position, start_step)
 
     writer = MetricsWriter(model_dir)
-    evaluation = Evaluation(mixture_or_task_name, model.feature_converter_cls, task_feature_lengths,
-                            eval_batch_size or batch_size, eval_split, model_dir, writer,
-                            max_decode_length=max_decode_length, num_examples=eval_num_examples,
-                            batch_divisor=partitioner.batch_divisor)
+
+    def make_evaluation() -> Evaluation:
+        return Evaluation(mixture_or_task_name, model.feature_converter_cls, task_feature_lengths,
+                          eval_batch_size or batch_size, eval_split, model_dir, writer,
+                          max_decode_length=max_decode_length, num_examples=eval_num_examples,
+                          batch_divisor=partitioner.batch_divisor)
     if jax.process_index() == 0:
         config_lib.save_operative_config(model_dir)
 
@@ -147,15 +151,38 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         ds = pipeline.train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
                                     model.feature_converter_cls(pack=pack), seed=random_seed, skip_batches=start_step)
         state, results = _train_loop(trainer, state, pipeline.numpy_batches(ds), start_step, train_steps,
-                                     checkpointer, evaluation, writer, eval_period, log_period, progress)
+                                     checkpointer, make_evaluation(), writer, eval_period, log_period, progress)
     else:
         print(f"Already trained to step {start_step} >= TRAIN_STEPS={train_steps}.", flush=True)
+        results = _logged_results(model_dir, start_step, eval_split)
     if results is None:
-        results = evaluation.run(trainer, state["params"], int(state["step"]))
+        results = make_evaluation().run(trainer, state["params"], int(state["step"]))
     checkpointer.save(int(state["step"]), state, {"batches_consumed": int(state["step"])})
     checkpointer.close()
     writer.close()
-    print(f"\nEvaluation at step {int(state['step'])} ({eval_split}):\n{format_table(results)}", flush=True)
+    if results:  # (empty on processes > 0 of a rerun: the logged evaluation is read by process 0)
+        print(f"\nEvaluation at step {int(state['step'])} ({eval_split}):\n{format_table(results)}", flush=True)
+    return results
+
+
+def _logged_results(model_dir: str, step: int, split: str) -> dict | None:
+    """The evaluation of `step` on `split` that MODEL_DIR/metrics.jsonl already holds ({task: metrics}), so a rerun
+    of a finished run neither evaluates again nor appends duplicate rows; None if absent. Process 0's answer is
+    used by every process (evaluation runs collectives: all evaluate or none)."""
+    results = {}
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if jax.process_index() == 0 and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("step") == step and record.get("split") == split and "task" in record:
+                    results[record.pop("task")] = {k: v for k, v in record.items() if k not in ("step", "split")}
+    found = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(results))))
+    if not found:
+        return None
+    if jax.process_index() != 0:
+        return {}  # only process 0 prints the table
+    print(f"Evaluation of step {step} from {path}.", flush=True)
     return results
 
 

@@ -89,9 +89,17 @@ def test_resume_continues_where_an_uninterrupted_run_would(resumed_run, capsys):
 
 def test_rerun_logs_the_restored_step(resumed_run, capsys):
     resumed, _ = resumed_run
+    metrics = os.path.join(resumed, "metrics.jsonl")
+    with open(metrics) as f:
+        before = f.read()
     assert _run(resumed, 5) == 0
     out = capsys.readouterr().out
     assert "Restored checkpoint at step 5" in out and "Already trained to step 5" in out
+    # The finished run's evaluation is read back, not recomputed and appended again.
+    assert "Evaluation of step 5 from" in out and "Evaluation at step 5 (validation)" in out
+    assert "quickstart_copy_words" in out.split("Evaluation at step 5")[1]
+    with open(metrics) as f:
+        assert f.read() == before
 
 
 def test_checkpoint_of_another_model_shape_is_refused(resumed_run, capsys):
