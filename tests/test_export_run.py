@@ -59,43 +59,60 @@ def _itjax_logits(trainer_module):
     return np.asarray(trainer_module(jnp.asarray(TOKENS, jnp.int32)))
 
 
-def test_full_fine_tuning_run_exports_to_hf(hf_and_converted):
-    root = hf_and_converted
-    run = _train(root, "full")
-    convert.main(["--from_run", run, "--out_dir", str(root / "full_out"), "--to_hf", "--hf_dir", str(root / "full_hf")])
+def _check_full_run_export(root, name, *extra):
+    """Trains a full fine-tuning run, exports it with --from_run --to_hf; transformers' logits must equal itjax's.
+    Returns the run's restored parameters."""
+    from flax import nnx
+
+    run = _train(root, name, *extra)
+    convert.main(["--from_run", run, "--out_dir", str(root / f"{name}_out"), "--to_hf", "--hf_dir",
+                  str(root / f"{name}_hf")])
     bindings = _run_bindings(run)
     params = _restore_full_run(run, bindings, None)
     module = bindings["model"].make_module(0)
-    from flax import nnx
     state = nnx.state(module, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(module, state)
-    exported = _hf_logits(root / "full_hf")
+    exported = _hf_logits(root / f"{name}_hf")
     np.testing.assert_allclose(exported, _itjax_logits(module), atol=1e-4)
     assert np.abs(exported - _hf_logits(root / "hf")).max() > 1e-3  # training changed the model
-    assert sorted(os.listdir(root / "full_out")) == ["checkpoint", "generation_config.json", "hf_config.json", "model.gin"]
+    assert sorted(os.listdir(root / f"{name}_out")) == ["checkpoint", "generation_config.json", "hf_config.json",
+                                                      "model.gin"]
+    return params
 
 
-def test_lora_run_exports_merged_and_as_peft_adapter(hf_and_converted):
+def _check_lora_run_export(root, name, *extra):
+    """Trains a LoRA run, exports it merged (--merge_lora --to_hf) and as a peft adapter (--peft_out): both give
+    itjax's logits in transformers. Returns the run's (base, adapter)."""
     peft = pytest.importorskip("peft")
-    root = hf_and_converted
-    run = _train(root, "lora", "--gin_file=peft/lora.gin", "--gin.LoRA.rank=4")
-    convert.main(["--merge_lora", run, "--out_dir", str(root / "lora_out"), "--peft_out", str(root / "adapter"),
-                  "--to_hf", "--hf_dir", str(root / "lora_hf")])
-    base, adapter, lora, model = load_lora_run(run)
+    import optax
     from itjax.partitioning import Partitioner
     from itjax.trainer import Trainer
-    import optax
+
+    run = _train(root, name, *extra, "--gin_file=peft/lora.gin", "--gin.LoRA.rank=4")
+    convert.main(["--merge_lora", run, "--out_dir", str(root / f"{name}_out"), "--peft_out",
+                  str(root / f"{name}_adapter"), "--to_hf", "--hf_dir", str(root / f"{name}_hf")])
+    base, adapter, lora, model = load_lora_run(run)
     trainer = Trainer(model, optax.sgd(0.0), Partitioner(devices=jax.devices()[:1]), peft=lora)
     trainer.base_params = base
     expected = _itjax_logits(trainer.module(adapter))
-    merged = _hf_logits(root / "lora_hf")
+    merged = _hf_logits(root / f"{name}_hf")
     np.testing.assert_allclose(merged, expected, atol=1e-4)
     assert np.abs(merged - _hf_logits(root / "hf")).max() > 1e-4  # the adapter is not a no-op
     base_hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
     with torch.no_grad():
-        adapted = peft.PeftModel.from_pretrained(base_hf, str(root / "adapter")).eval()(torch.tensor(TOKENS)).logits
+        adapted = peft.PeftModel.from_pretrained(base_hf, str(root / f"{name}_adapter")).eval()(
+            torch.tensor(TOKENS)).logits
     np.testing.assert_allclose(adapted.numpy(), expected, atol=1e-4)
+    return base, adapter
+
+
+def test_full_fine_tuning_run_exports_to_hf(hf_and_converted):
+    _check_full_run_export(hf_and_converted, "full")
+
+
+def test_lora_run_exports_merged_and_as_peft_adapter(hf_and_converted):
+    _check_lora_run_export(hf_and_converted, "lora")
 
 
 def test_from_run_refuses_what_it_cannot_export(hf_and_converted, tmp_path):
@@ -111,40 +128,9 @@ def test_from_run_refuses_what_it_cannot_export(hf_and_converted, tmp_path):
 def test_scanned_runs_export_to_hf(hf_and_converted):
     """Scanned full and LoRA runs start from the per-layer converted checkpoint (stacked on load) and export per
     layer: transformers' logits equal the scanned itjax model's, merged and through peft."""
-    peft = pytest.importorskip("peft")
-    from flax import nnx
-    import optax
     from itjax.models import scan
-    from itjax.partitioning import Partitioner
-    from itjax.trainer import Trainer
 
-    root = hf_and_converted
     scanned = ("--gin.LlamaConfig.scan_layers=True", "--gin.LlamaConfig.remat_policy='full'")
-    run = _train(root, "scan_full", *scanned)
-    convert.main(["--from_run", run, "--out_dir", str(root / "scan_full_out"), "--to_hf", "--hf_dir",
-                  str(root / "scan_full_hf")])
-    bindings = _run_bindings(run)
-    params = _restore_full_run(run, bindings, None)
-    assert bindings["model"].config.scan_layers and scan.is_stacked(params)
-    module = bindings["model"].make_module(0)
-    state = nnx.state(module, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(module, state)
-    exported = _hf_logits(root / "scan_full_hf")
-    np.testing.assert_allclose(exported, _itjax_logits(module), atol=1e-4)
-    assert np.abs(exported - _hf_logits(root / "hf")).max() > 1e-3  # training changed the model
-
-    run = _train(root, "scan_lora", *scanned, "--gin_file=peft/lora.gin", "--gin.LoRA.rank=4")
-    convert.main(["--merge_lora", run, "--out_dir", str(root / "scan_lora_out"), "--peft_out",
-                  str(root / "scan_adapter"), "--to_hf", "--hf_dir", str(root / "scan_lora_hf")])
-    base, adapter, lora, model = load_lora_run(run)
+    assert scan.is_stacked(_check_full_run_export(hf_and_converted, "scan_full", *scanned))
+    base, adapter = _check_lora_run_export(hf_and_converted, "scan_lora", *scanned)
     assert scan.is_stacked(base) and scan.is_stacked(adapter)
-    trainer = Trainer(model, optax.sgd(0.0), Partitioner(devices=jax.devices()[:1]), peft=lora)
-    trainer.base_params = base
-    expected = _itjax_logits(trainer.module(adapter))
-    np.testing.assert_allclose(_hf_logits(root / "scan_lora_hf"), expected, atol=1e-4)
-    assert np.abs(expected - _hf_logits(root / "hf")).max() > 1e-4  # the adapter is not a no-op
-    base_hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
-    with torch.no_grad():
-        adapted = peft.PeftModel.from_pretrained(base_hf, str(root / "scan_adapter")).eval()(torch.tensor(TOKENS))
-    np.testing.assert_allclose(adapted.logits.numpy(), expected, atol=1e-4)
