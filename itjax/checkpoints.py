@@ -157,9 +157,9 @@ def _stacked_layout(tree: Any) -> bool | None:
     """Whether a parameter tree (arrays or checkpoint metadata) keeps its layer stacks stacked: True for paths
     `.../layers/<name>/...`, False for `.../layers/<i>/...`, None when it has no `layers`."""
     for path, _ in _flatten(tree):
-        parts = _path_str(path).split("/")
-        if "layers" in parts[:-1]:
-            return not parts[parts.index("layers") + 1].isdigit()
+        stack = scan.layer_stack(_path_str(path).split("/"))
+        if stack is not None:
+            return stack[1]
     return None
 
 

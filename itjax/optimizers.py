@@ -123,11 +123,8 @@ def _stack_labels(params: Any) -> Any:
     """Each leaf's stack (its path up to `layers`, e.g. 'encoder/layers', for paths `.../layers/<name>/...`), or
     'other' outside stacks: one vmap per stack, since stacks may differ in depth."""
     def label(path, _):
-        keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path]
-        for i, key in enumerate(keys[:-1]):
-            if key == scan.LAYER_AXIS and not keys[i + 1].isdigit():
-                return "/".join(keys[:i + 1])
-        return _OTHER
+        stack = scan.layer_stack([str(getattr(k, "key", getattr(k, "idx", ""))) for k in path])
+        return "/".join(stack[0]) if stack is not None and stack[1] else _OTHER
     return jax.tree_util.tree_map_with_path(label, params)
 
 

@@ -111,6 +111,16 @@ def split_keys(rng: jax.Array | None, num: int) -> jax.Array | None:
 
 
 # ------------------------------------------------------------------------------------------------ pure dicts
+def layer_stack(keys: Sequence[str]) -> tuple[tuple[str, ...], bool] | None:
+    """For a parameter path (its keys as strings): (the path of its layer stack, up to and including 'layers';
+    whether the stack is stacked, i.e. the key after 'layers' is a name, not a layer index), or None outside
+    stacks. E.g. ('encoder', 'layers', 'mlp', 'wo', 'kernel') -> (('encoder', 'layers'), True)."""
+    for i, key in enumerate(keys[:-1]):
+        if key == LAYER_AXIS:
+            return tuple(keys[:i + 1]), not str(keys[i + 1]).isdigit()
+    return None
+
+
 def _is_layer_index(key: Any) -> bool:
     return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
 
