@@ -22,6 +22,8 @@ import json
 import os
 from types import ModuleType
 
+from itjax import cli
+from itjax.checkpoints import CheckpointMismatchError
 from itjax.config import ConfigError
 from itjax.conversion import ConversionError, llama, runs, t5
 # Re-exported: the names callers used before the conversion code moved to itjax.conversion.
@@ -84,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf_dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="--to_hf: tensor dtype; auto = the source checkpoint's for Llama-family folders "
                              "(bfloat16 stays bfloat16), else float32")
+    cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    # A training run's loader reads its task (seqio, hence TensorFlow); HF <-> itjax conversion does not.
+    cli.start(args.verbose, uses_tensorflow=bool(args.from_run or args.merge_lora))
     if args.merge_lora:
         if args.from_run:
             parser.error("--merge_lora MODEL_DIR already names the run; drop --from_run")
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             family = family_of_hf_dir(args.hf_dir)
             family.hf_to_itjax(args.hf_dir, args.out_dir)
             print(f"wrote {args.out_dir}/{{checkpoint,{MODEL_GIN}}} (and tokenizer files if present)")
-    except (ConversionError, ConfigError, PeftConfigError, FileNotFoundError) as e:
+    except (ConversionError, ConfigError, PeftConfigError, CheckpointMismatchError, FileNotFoundError) as e:
         raise SystemExit(f"itjax.convert: {e}") from None
 
 

@@ -14,10 +14,9 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
-# jax exports only a printing version (jax.ad_checkpoint.print_saved_residuals); the list it prints comes from here.
-from jax._src.ad_checkpoint import saved_residuals
 
 from itjax.trainer import Trainer
 
@@ -39,27 +38,48 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
+def residual_bytes(f, params, *args) -> int:
+    """Bytes of the values the backward pass of `f(params, *args)` (w.r.t. params) keeps from the forward pass,
+    not counting those that are the arguments themselves; traced abstractly (args may be ShapeDtypeStructs).
+
+    The residuals are the leaves of the function `jax.vjp` returns; each distinct value counts once (what
+    `jax.ad_checkpoint.print_saved_residuals` lists, less its "from the argument" lines).
+    """
+    leaves, tree = jax.tree.flatten((params, args))
+
+    def pullback(*flat):
+        p, rest = jax.tree.unflatten(tree, flat)
+        return jax.vjp(lambda q: f(q, *rest), p)[1]
+
+    jaxpr = jax.make_jaxpr(pullback)(*leaves).jaxpr
+    num_residuals = len(jax.tree.leaves(jax.eval_shape(pullback, *leaves)))
+    outputs = jaxpr.outvars[len(jaxpr.outvars) - num_residuals:]
+    # A reduce_precision feeding an output is looked through (its input is the value kept), as jax does.
+    through = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns if e.primitive.name == "reduce_precision"}
+    literals = [v for v in outputs if isinstance(v, jax.extend.core.Literal)]
+    kept = {through.get(v, v) for v in outputs if not isinstance(v, jax.extend.core.Literal)} - set(jaxpr.invars)
+    return sum(math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize for v in [*kept, *literals])
+
+
 def saved_activation_bytes(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeStruct]) -> int:
-    """Bytes of activations the backward pass keeps from the forward pass (whole global batch, all devices).
+    """Bytes of activations the train step's backward pass keeps from its forward pass (whole global batch, all
+    devices): residuals of `Trainer.train_loss`, the loss the step differentiates (dropout and adapter dropout
+    included when on; with PEFT the frozen base is a constant of it).
 
     This is what `remat_policy` changes; the residuals are traced abstractly (no weights allocated).
     """
-    base = getattr(trainer, "abstract_base_params", None)  # PEFT: the frozen weights, a constant of the loss
+    base = trainer.abstract_base_params  # PEFT: the frozen weights; None otherwise
 
     def loss(params, batch, base):
-        # Frozen weights get no gradient, so the backward pass keeps nothing for them.
-        module = trainer.module(params) if base is None else trainer.module(params, jax.lax.stop_gradient(base))
-        return trainer.model.loss_terms(module, batch, batch["decoder_loss_weights"])["loss_sum"]
+        return trainer.train_loss(params, batch, jnp.zeros((), jnp.int32), base)[0]
 
     with trainer.partitioner.axis_rules():
-        residuals = saved_residuals(loss, trainer.abstract_state["params"], dict(batch), base)
-    return sum(math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
-               for aval, source in residuals if not source.startswith("from the argument"))
+        return residual_bytes(loss, trainer.abstract_state["params"], dict(batch), base)
 
 
 def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool) -> dict:
     """Compiles the train step abstractly; returns the figures (bytes are per device)."""
-    converter = trainer.model.feature_converter_cls(pack=pack)
+    converter = trainer.model.feature_converter(pack=pack)
     batch = abstract_batch(converter, task_feature_lengths, batch_size, trainer.partitioner.batch_sharding)
     start = time.perf_counter()
     compiled = trainer.compile_train_step(batch)

@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from itjax import metrics
+from itjax import cli, metrics
 
 # Verbatim from Tk-Instruct src/compute_metrics.py (yizhongw/Tk-Instruct, commit d8184faa), `category_metrics`:
 # the metric the paper reports for each category of the English test split.
@@ -277,7 +277,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out_dir", help="write tables.md, tasks.csv, categories.csv, overall.csv here")
     parser.add_argument("--superni_dir", help="natural-instructions checkout to read missing categories from")
     parser.add_argument("--step", type=int, help="with a predictions directory: the step to read (default latest)")
+    cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    cli.start(args.verbose, uses_tensorflow=False)
     try:
         examples = read_predictions(args.predictions, args.step)
         if args.superni_dir:

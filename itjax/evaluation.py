@@ -17,6 +17,7 @@ import jax.experimental.multihost_utils
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
 from itjax.data.pipeline import to_global
 
@@ -33,7 +34,7 @@ class MetricsWriter:
     def write(self, record: Mapping[str, Any]) -> None:
         if not self._is_writer:
             return
-        with open(self.path, "a") as f:
+        with epath.Path(self.path).open("a") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         if self._tb_dir:
             writer = self._tensorboard(f"{record['split']}/{record['task']}")
@@ -71,7 +72,8 @@ class Evaluation:
 
     Args:
       mixture_or_task_name: registered seqio task or mixture; tasks without the split are skipped (seqio rule).
-      feature_converter_cls: the model's seqio feature converter class (used unpacked).
+      feature_converter_cls: the model's `feature_converter` (`BaseModel.feature_converter`; called with
+        pack=False).
       task_feature_lengths: fixed lengths, so eval batches have one shape and compile once.
       batch_size: global eval batch size (rounded up to a multiple of `batch_divisor`, the number of devices the
         batch is split over; the last batch of a task is padded).
@@ -128,8 +130,8 @@ class Evaluation:
             for n, batch in self._batches(examples):
                 if width is not None:  # decoder-only rows: generation needs only the prompt columns
                     batch = {k: v[:, :width] for k, v in batch.items()}
-                out = trainer.predict(params, to_global(batch, sharding, host_local=False), self.max_decode_length,
-                                      self.eos_id)
+                out = trainer.generate(params, to_global(batch, sharding, host_local=False),
+                                       max_decode_length=self.max_decode_length, eos_id=self.eos_id)
                 tokens.extend(np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))[:n])
             return list(zip(indices, [t.tolist() for t in tokens]))
 
@@ -196,10 +198,10 @@ class PredictionsLogger(seqio.Logger):
     def __call__(self, task_name, step, metrics, dataset, inferences, targets) -> None:
         if jax.process_index() != 0 or dataset is None:
             return
-        os.makedirs(self.output_dir, exist_ok=True)
+        epath.Path(self.output_dir).mkdir(parents=True, exist_ok=True)
         predictions = (inferences or {}).get("prediction", [])
-        path = os.path.join(self.output_dir, f"{task_name}-{step}.jsonl")
-        with open(path, "w") as f:
+        path = epath.Path(self.output_dir) / f"{task_name}-{step}.jsonl"
+        with path.open("w") as f:
             for example, prediction, target in zip(dataset.as_numpy_iterator(), predictions, targets or []):
                 line = {"input": _decode_text(example.get("inputs_pretokenized", b"")),
                         "prediction": _decode_text(prediction), "references": _decode_text(target)}

@@ -16,29 +16,23 @@ import numpy as np
 import seqio
 
 from itjax import config as config_lib
-from itjax.checkpoints import Checkpointer, restore_peft_base
+from itjax import runs
 from itjax.data import pipeline
-from itjax.models import decoding
 from itjax.trainer import Trainer
 
 
 def restore_params(trainer: Trainer, model_dir: str, step: int | None = None):
-    """Parameters of the checkpoint at `step` (default: the latest) in MODEL_DIR, laid out for `trainer`.
+    """Parameters of the checkpoint at `step` (default: the latest) in MODEL_DIR, laid out for `trainer`; only
+    the parameters are read (see `itjax.runs`, whose `load` also builds the model and vocabulary from the run).
 
     For a PEFT trainer these are the adapter's; the frozen base the checkpoint points to is loaded into
     `trainer.base_params` (checked against the fingerprint the adapter was trained on).
     """
-    checkpointer = Checkpointer(model_dir, period=0, use_async=False)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first or fix MODEL_DIR.")
-        if trainer.peft is not None and trainer.base_params is None:
-            restore_peft_base(trainer, None, checkpointer.saved_base_pointer(step))
-        state, _ = checkpointer.restore(step, trainer.abstract_state)
-    finally:
-        checkpointer.close()
-    return state["params"]
+    step = runs.resolve_step(model_dir, step)
+    checkpoint = runs.checkpoint_dir(model_dir, step)
+    if trainer.peft is not None and trainer.base_params is None:
+        runs.restore_base(trainer, checkpoint, runs.read_base_pointer(checkpoint), None)
+    return runs.restore_state_params(runs.state_dir(model_dir, step), trainer.abstract_state["params"])
 
 
 def token_ids(example: dict, text_key: str, ids_key: str, vocabulary, length: int, add_eos: bool) -> list[int]:
@@ -78,20 +72,14 @@ def generate_examples(trainer: Trainer, params, examples: Sequence[dict], vocabu
     """
     model, eos = trainer.model, vocabulary.eos_id
     lengths = {"inputs": input_length, "targets": target_length or max_decode_length}
-
-    def run(p, base, batch, rng):
-        fns = model.decode_fns(trainer.module(p, base), batch, max_decode_length)
-        return decoding.generate(fns, max_decode_length=max_decode_length, eos_id=eos, method=decode,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, num_beams=num_beams,
-                                 alpha=alpha)
-
-    compiled = jax.jit(run)
     results = []
     for start, chunk in _batches(examples, batch_size):
         inputs = [token_ids(ex, "inputs", "input_ids", vocabulary, input_length, inputs_add_eos) for ex in chunk]
         batch = _global(trainer, model.inference_batch(inputs, None, lengths, batch_size))
-        with trainer.partitioner.axis_rules():
-            out = compiled(params, trainer.base_params, batch, jax.random.fold_in(jax.random.key(seed), start))
+        # Trainer.generate: compiled once per decoding setting and batch shape, reused by later calls.
+        out = trainer.generate(params, batch, max_decode_length=max_decode_length, eos_id=eos, method=decode,
+                               temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=alpha,
+                               rng=jax.random.fold_in(jax.random.key(seed), start))
         for example, row in zip(chunk, _gather(out)):
             ids = row.tolist()
             ids = ids[:ids.index(eos)] if eos in ids else ids

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from itjax.models import scan
+from itjax import param_paths
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -123,7 +123,7 @@ def _stack_labels(params: Any) -> Any:
     """Each leaf's stack (its path up to `layers`, e.g. 'encoder/layers', for paths `.../layers/<name>/...`), or
     'other' outside stacks: one vmap per stack, since stacks may differ in depth."""
     def label(path, _):
-        stack = scan.layer_stack([str(getattr(k, "key", getattr(k, "idx", ""))) for k in path])
+        stack = param_paths.layer_stack([str(getattr(k, "key", getattr(k, "idx", ""))) for k in path])
         return "/".join(stack[0]) if stack is not None and stack[1] else _OTHER
     return jax.tree_util.tree_map_with_path(label, params)
 

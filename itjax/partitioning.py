@@ -48,6 +48,12 @@ STANDARD_2D_RULES: LogicalRules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
 )
+# The layouts in gin/partitioning/*.gin bind these tables by name (`%itjax.partitioning.FSDP_RULES`), so each is
+# written once, here. Registering a gin constant is a declaration like `@gin.configurable`: it binds nothing.
+gin.constant("itjax.partitioning.DATA_PARALLEL_RULES", DATA_PARALLEL_RULES)
+gin.constant("itjax.partitioning.FSDP_RULES", FSDP_RULES)
+gin.constant("itjax.partitioning.TENSOR_PARALLEL_RULES", TENSOR_PARALLEL_RULES)
+gin.constant("itjax.partitioning.STANDARD_2D_RULES", STANDARD_2D_RULES)
 
 
 def logical_to_mesh_spec(logical_axes: Sequence[str | None], rules: LogicalRules) -> PartitionSpec:
@@ -128,7 +134,8 @@ class Partitioner:
     """Builds the device mesh and turns logical axis names into shardings.
 
     Gin: `Partitioner.data`, `.fsdp`, `.tensor` are mesh axis sizes (one may be -1: all remaining devices) and
-    `Partitioner.logical_axis_rules` is the rules table (see DATA_PARALLEL_RULES etc. and gin/partitioning/*.gin).
+    `Partitioner.logical_axis_rules` is the rules table: one of DATA_PARALLEL_RULES etc. (in gin
+    `%itjax.partitioning.FSDP_RULES`, as gin/partitioning/*.gin bind them) or a list of (logical, mesh axes) pairs.
     """
 
     def __init__(self, data: int = -1, fsdp: int = 1, tensor: int = 1,

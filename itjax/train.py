@@ -3,7 +3,16 @@ r"""Train a model: `python -m itjax.train --gin_file=quickstart.gin [--gin.NAME=
 The run is the gin files plus overrides. Required macros: MODEL_DIR, MIXTURE_OR_TASK_NAME,
 TASK_FEATURE_LENGTHS, TRAIN_STEPS, BATCH_SIZE. Rerunning with the same MODEL_DIR resumes from its latest
 checkpoint; a larger TRAIN_STEPS continues training. The loop itself is `itjax.training.train`; this module is
-only the command line (it registers no gin configurables, so running it as __main__ cannot register them twice).
+only the command line (it registers no gin configurables, so running it as __main__ cannot register them twice,
+and imports the run, hence TensorFlow, only after `itjax.cli.start`).
+
+A dry run needs only a model and the shapes: BATCH_SIZE and TASK_FEATURE_LENGTHS. MODEL_DIR,
+MIXTURE_OR_TASK_NAME, TRAIN_STEPS and INITIAL_CHECKPOINT_PATH may stay unset (without a task, the task's
+feature lengths and vocabulary are not checked), and a model file alone gets the loop of runs/train.gin:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m itjax.train --gin_file=flan_t5_xl.gin --dry_run \
+      --gin.BATCH_SIZE=8
+  python -m itjax.train --gin_file=models/t5_1_1_base.gin --dry_run --gin.BATCH_SIZE=8 \
+      --gin.TASK_FEATURE_LENGTHS="{'inputs': 512, 'targets': 128}"
 
 Flags:
   --gin_file FILE           repeatable; names resolve against cwd, --gin_search_paths and the project's gin/.
@@ -11,19 +20,20 @@ Flags:
   --gin_bindings 'A = B'    repeatable, same as --gin.A=B (T5X spelling).
   --gin_search_paths DIRS   comma-separated folders to look up gin files (and their includes) in.
   --coordinator_address / --num_processes / --process_id / --multiprocess   multi-process (multi-host) runs.
+  --dry_run                 lay out and compile the train step without allocating or writing anything.
+  --verbose                 keep TensorFlow's / CUDA's start-up lines and INFO logs (or ITJAX_VERBOSE=1).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import sys
 
 import jax
 
+from itjax import cli
 from itjax import config as config_lib
-from itjax import training
-from itjax.checkpoints import CheckpointMismatchError
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -44,6 +54,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--multiprocess", action="store_true", help="call jax.distributed.initialize() with "
                         "the cluster's auto-detected settings")
+    parser.add_argument("--heartbeat_timeout_s", type=int, default=100,
+                        help="multi-process runs: a process whose heartbeats stop this long (dead, or stopped) "
+                             "makes every process exit with an error (jax.distributed's coordination service)")
+    cli.add_verbose_flag(parser)
     args = parser.parse_args(rest)
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. --gin_file=quickstart.gin)")
@@ -57,27 +71,37 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     # Only used by the CPU backend; must be set before the backend starts (so before any jax.devices() call).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
+                               process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout_s)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("orbax", "jax", "tensorflow", "seqio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # seqio warns through absl about every uncached in-memory task; only errors matter on the console.
-    logging.getLogger("absl").setLevel(logging.ERROR)
+setup_logging = cli.setup_logging  # moved to itjax.cli; the old name keeps working
+
+
+def __getattr__(name: str):
+    """`itjax.train.training`: the run module, imported on first use (main imports it after `cli.start`)."""
+    if name == "training":
+        return importlib.import_module("itjax.training")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging()
+    cli.start(args.verbose)
+    from itjax import training  # after cli.start: imports TensorFlow (through seqio)
+    from itjax.checkpoints import (CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError,
+                                   DataPositionError)
+
     initialize_distributed(args)
     try:
         search_paths = [p for p in args.gin_search_paths.split(",") if p]
-        config_lib.parse_gin(args.gin_file, bindings, search_paths, config_lib.REQUIRED_TRAIN_MACROS)
+        if args.dry_run:  # a model and shapes suffice
+            config_lib.parse_gin(args.gin_file, bindings, search_paths, config_lib.REQUIRED_DRY_RUN_MACROS,
+                                 macro_defaults=config_lib.DRY_RUN_MACRO_DEFAULTS, default_run_file="runs/train.gin")
+        else:
+            config_lib.parse_gin(args.gin_file, bindings, search_paths, config_lib.REQUIRED_TRAIN_MACROS)
         training.train(progress=not args.no_progress, dry_run=args.dry_run)
-    except (config_lib.ConfigError, CheckpointMismatchError, FileNotFoundError, training.TrainingDiverged) as e:
+    except (config_lib.ConfigError, CheckpointMismatchError, CheckpointCorruptError, CheckpointWriteError,
+            DataPositionError, FileNotFoundError, training.TrainingDiverged) as e:
         # gin appends "In call to configurable ..." lines; the message itself already names what to fix.
         message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
         print(f"error: {message}", file=sys.stderr)

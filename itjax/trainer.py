@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from itjax import losses
+from itjax.models.base import BaseModel
 from itjax.partitioning import Partitioner, logical_axes_of
 from itjax.peft import core as peft_core
 
@@ -32,7 +32,8 @@ class Trainer:
     """Owns the compiled functions for one (model, optimizer, mesh) triple.
 
     Args:
-      model: an EncoderDecoderModel-like object (make_module, abstract_module, loss_terms, predict, score).
+      model: an `itjax.models.base.BaseModel` (EncoderDecoderModel, DecoderOnlyModel); the trainer calls only
+        that interface.
       optimizer: an optax GradientTransformation.
       partitioner: mesh and logical-axis rules.
       learning_rate_fn: the schedule, only for logging the current learning rate.
@@ -40,12 +41,15 @@ class Trainer:
         gradients are summed (a `lax.scan`), giving the same update as the full batch.
       seed: parameter-initialisation seed; the dropout key is derived from it too.
       peft: an `itjax.peft` method (LoRA(), PromptTuning(), ...): train only its adapter on a frozen base.
+      skip_nonfinite_updates: a step whose loss or gradient norm is NaN / inf changes nothing but the step
+        counter, and its metrics carry `skipped` = 1 (train.on_nonfinite_loss='skip').
     """
 
-    def __init__(self, model, optimizer: optax.GradientTransformation, partitioner: Partitioner, *,
+    def __init__(self, model: BaseModel, optimizer: optax.GradientTransformation, partitioner: Partitioner, *,
                  learning_rate_fn: Callable | float | None = None, num_microbatches: int = 1, seed: int = 0,
-                 peft: peft_core.PeftMethod | None = None):
+                 peft: peft_core.PeftMethod | None = None, skip_nonfinite_updates: bool = False):
         self.model = model
+        self.skip_nonfinite_updates = skip_nonfinite_updates
         self.optimizer = optimizer
         self.partitioner = partitioner
         self.num_microbatches = num_microbatches
@@ -80,7 +84,7 @@ class Trainer:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_shardings)
         self._train_step = None
         self._eval_step = None
-        self._predict = {}
+        self._generate = {}  # compiled generate functions by everything that changes the program
         self._score = None
 
     # ----------------------------------------------------------------------------------------------- state
@@ -184,20 +188,29 @@ class Trainer:
         with self.partitioner.axis_rules():
             return step.lower(self.abstract_state, abstract_batch, self.abstract_base_params).compile()
 
+    def _loss(self, params, microbatch: Mapping[str, jax.Array], key: jax.Array, *, base, divisor):
+        """The objective the train step differentiates, on one (micro)batch carrying its loss weights in
+        `_weights` [batch, length]: (loss_sum / divisor, the model's loss terms). `key` draws model and adapter
+        dropout (when enabled). Gradients are taken w.r.t. `params` only: with peft the adapter; `base` is a
+        constant here."""
+        adapter_dropout = self.peft is not None and self.peft.dropout_rate > 0
+        with peft_core.adapter_dropout(jax.random.fold_in(key, 2) if adapter_dropout else None):
+            terms = self.model.loss_terms(self.module(params, base), microbatch, microbatch["_weights"],
+                                          dropout_rng=key if self.model.dropout_enabled else None)
+        return terms["loss_sum"] / divisor, terms
+
+    def train_loss(self, params, batch: Mapping[str, jax.Array], step, base=None) -> tuple[jax.Array, dict]:
+        """The training loss of a global batch at `step` (its dropout keys), as `train_step` computes it without
+        microbatches: (scalar loss, loss terms). Traceable; the dry run measures its saved activations."""
+        weights, divisor = self.model.loss_weights(batch)
+        key = jax.random.fold_in(self._dropout_key, step)
+        return self._loss(params, dict(batch, _weights=weights), key, base=base, divisor=divisor)
+
     def _train_step_impl(self, state: TrainState, batch: Mapping[str, jax.Array], base=None):
-        weights, divisor = losses.normalized_weights_and_factor(
-            batch["decoder_loss_weights"], batch.get("decoder_segment_ids"), self.model.loss_normalizing_factor)
+        weights, divisor = self.model.loss_weights(batch)
         batch = dict(batch, _weights=weights)
         step_key = jax.random.fold_in(self._dropout_key, state["step"])
-        dropout = getattr(self.model.config, "dropout_rate", 0.0) > 0
-        adapter_dropout = self.peft is not None and self.peft.dropout_rate > 0
-
-        def loss_fn(params, microbatch, key):
-            # Gradients are taken w.r.t. `params` only: with peft the adapter; `base` is a constant here.
-            with peft_core.adapter_dropout(jax.random.fold_in(key, 2) if adapter_dropout else None):
-                terms = self.model.loss_terms(self.module(params, base), microbatch, microbatch["_weights"],
-                                              dropout_rng=key if dropout else None)
-            return terms["loss_sum"] / divisor, terms
+        loss_fn = functools.partial(self._loss, base=base, divisor=divisor)
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
         m = self.num_microbatches
@@ -227,6 +240,14 @@ class Trainer:
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": self._learning_rate(state["step"]),
         }
+        if self.skip_nonfinite_updates:
+            # A NaN / inf loss or gradient leaves parameters and optimizer state as they were (the step counter
+            # and the data stream still advance); the host counts skips from metrics["skipped"].
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state["params"])
+            opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+            metrics["skipped"] = 1 - finite.astype(jnp.int32)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     def _learning_rate(self, step):
@@ -251,17 +272,54 @@ class Trainer:
         """in_shardings of (params, batch, base) for the eval / predict / score functions."""
         return (self.param_shardings, self._batch_shardings(batch), self.base_shardings)
 
-    def predict(self, params, batch: Mapping[str, jax.Array], max_decode_length: int, eos_id: int = 1) -> jax.Array:
-        """Greedy decoding: [batch, max_decode_length] token ids."""
-        if max_decode_length not in self._predict:
-            fn = functools.partial(self._predict_impl, max_decode_length=max_decode_length, eos_id=eos_id)
-            self._predict[max_decode_length] = jax.jit(fn, in_shardings=self._in_shardings(batch),
-                                                       out_shardings=self.partitioner.batch_sharding(2))
-        with self.partitioner.axis_rules():
-            return self._predict[max_decode_length](params, batch, self._base())
+    def generate(self, params, batch: Mapping[str, jax.Array], *, max_decode_length: int, eos_id: int,
+                 method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 rng: jax.Array | None = None, num_beams: int = 4, alpha: float = 0.6) -> jax.Array:
+        """Decodes every row of a global batch with the model's KV cache: the one compiled generate path
+        (evaluation, `itjax.inference` / `itjax.infer`, notebooks).
 
-    def _predict_impl(self, params, batch, base, *, max_decode_length, eos_id):
-        return self.model.predict(self.module(params, base), batch, max_decode_length, eos_id)
+        Args:
+          params: the trained parameters (with peft: the adapter; the base is `self.base_params`).
+          batch: unpacked model features, int32 [batch, length] (`model.inference_batch` or the feature
+            converter's rows; decoder-only rows hold the prompt marked by `decoder_causal_attention`).
+          max_decode_length: number of tokens to generate (static).
+          eos_id: where a row stops (T5: 1; Llama 3: 128001 ...).
+          method: "greedy", "sample" (temperature, top_k, top_p; rng required when temperature > 0) or "beam"
+            (num_beams, alpha); options of the other methods are ignored.
+          rng: PRNG key for sampling (an argument of the compiled function: new keys do not recompile).
+
+        Returns:
+          int32 [batch, max_decode_length]: generated tokens, EOS included, 0 after EOS (batch-sharded).
+
+        Compiled once per (method, its options, max_decode_length, eos_id, whether rng is given, batch feature
+        names and ranks); array shapes are jit's own cache key.
+        """
+        if method == "greedy":
+            options = {}
+        elif method == "sample":
+            options = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
+            if options["temperature"] > 0 and rng is None:
+                raise ValueError("Trainer.generate: method='sample' with temperature > 0 needs rng "
+                                 "(e.g. jax.random.key(seed)).")
+        elif method == "beam":
+            options = {"num_beams": int(num_beams), "alpha": float(alpha)}
+        else:
+            raise ValueError(f"Trainer.generate: method={method!r}; expected 'greedy', 'sample' or 'beam'.")
+        eos_id = int(eos_id)
+        key = (method, tuple(sorted(options.items())), int(max_decode_length), eos_id, rng is None,
+               tuple(sorted((k, np.ndim(v)) for k, v in batch.items())))
+        if key not in self._generate:
+            def impl(params, batch, base, rng):
+                return self.model.generate(self.module(params, base), batch, max_decode_length=max_decode_length,
+                                           eos_id=eos_id, method=method, rng=rng, **options)
+            self._generate[key] = jax.jit(impl, in_shardings=self._in_shardings(batch) + (None,),
+                                          out_shardings=self.partitioner.batch_sharding(2))
+        with self.partitioner.axis_rules():
+            return self._generate[key](params, batch, self._base(), rng)
+
+    def predict(self, params, batch: Mapping[str, jax.Array], max_decode_length: int, eos_id: int = 1) -> jax.Array:
+        """Greedy decoding: [batch, max_decode_length] token ids (`generate` with method='greedy')."""
+        return self.generate(params, batch, max_decode_length=max_decode_length, eos_id=eos_id)
 
     def score(self, params, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Per-example target log-likelihood [batch] (nats)."""

@@ -69,3 +69,44 @@ def test_folders_named_like_gin_subfolders_in_the_working_directory_do_not_break
     monkeypatch.chdir(tmp_path)
     config_lib.parse_gin(["quickstart.gin"], [], required_macros=config_lib.REQUIRED_TRAIN_MACROS)
     assert gin.query_parameter("TRAIN_STEPS/macro.value") > 0
+
+
+def test_a_missing_macro_is_not_blamed_on_a_known_one():
+    # A model file alone: MODEL is set (and is no misspelled MODEL_DIR); the loop is what is missing.
+    import itjax.models.encoder_decoder  # noqa: F401
+
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.parse_gin(["models/t5_1_1_quickstart.gin"], [], required_macros=config_lib.REQUIRED_TRAIN_MACROS)
+    message = str(error.value)
+    assert "required gin binding MODEL_DIR is not set" in message and "instead of" not in message
+    assert "--gin_file=runs/train.gin" in message
+
+
+def test_macro_defaults_fill_only_macros_that_are_used_and_unset():
+    gin.parse_config(["_run.model_dir = %MODEL_DIR", "_run.train_steps = %TRAIN_STEPS", "TRAIN_STEPS = 7"])
+    config_lib.parse_gin([], [], macro_defaults={"MODEL_DIR": None, "TRAIN_STEPS": 1, "UNUSED": 3})
+    assert _run() == (None, 7)
+    assert "UNUSED" not in gin.config_str()
+
+
+def test_a_default_run_file_goes_under_the_files_given():
+    import itjax.training  # noqa: F401
+    from itjax import partitioning
+
+    config_lib.parse_gin(["models/t5_1_1_quickstart.gin", "partitioning/fsdp.gin"],
+                         ["BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 8}"],
+                         required_macros=config_lib.REQUIRED_DRY_RUN_MACROS, default_run_file="runs/train.gin",
+                         macro_defaults=config_lib.DRY_RUN_MACRO_DEFAULTS)
+    assert config_lib.binds_training_loop()
+    # runs/train.gin includes the data-parallel layout; the FSDP file given on the command line still wins.
+    assert partitioning.Partitioner().rules == partitioning.FSDP_RULES
+    assert gin.query_parameter("BATCH_SIZE/macro.value") == 8
+
+
+def test_gin_files_include_their_family_through_the_builtin_folder():
+    import itjax.models.encoder_decoder  # noqa: F401
+    from itjax.models.encoder_decoder import EncoderDecoderModel
+
+    config_lib.parse_gin_file(os.path.join(config_lib.builtin_gin_dir(), "models", "mt5_small.gin"))
+    config = EncoderDecoderModel().config
+    assert (config.vocab_size, config.d_model, config.feed_forward) == (250112, 512, "gated-gelu")

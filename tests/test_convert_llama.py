@@ -28,8 +28,17 @@ from itjax.checkpoints import restore_initial_params  # noqa: E402
 from itjax.conversion import folders  # noqa: E402
 from itjax.conversion import llama as llama_conversion  # noqa: E402
 from itjax.conversion.safetensors_io import HF_INDEX_FILE, HF_SINGLE_FILE  # noqa: E402
+from itjax.models.decoder_only import DecoderOnlyModel  # noqa: E402
 from itjax.models.llama import Llama  # noqa: E402
-from itjax.models.decoding import greedy_generate  # noqa: E402
+
+
+def greedy_generate(module, prompt_tokens, prompt_lengths, *, max_new_tokens, eos_id):
+    """Greedy continuation of right-padded prompts [batch, l] with prompt_lengths [batch] real tokens, through the
+    model interface (`DecoderOnlyModel.generate`) -> [batch, max_new_tokens]."""
+    mask = jnp.arange(prompt_tokens.shape[1])[None, :] < prompt_lengths[:, None]
+    batch = {"decoder_input_tokens": prompt_tokens, "decoder_causal_attention": mask.astype(jnp.int32)}
+    return DecoderOnlyModel(module.config).generate(module, batch, max_decode_length=max_new_tokens, eos_id=eos_id)
+
 
 VOCAB, LENGTH, NEW_TOKENS = 128, 12, 8
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

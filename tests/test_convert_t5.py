@@ -23,7 +23,6 @@ transformers = pytest.importorskip("transformers")
 from itjax import convert, losses  # noqa: E402
 from itjax.conversion import ConversionError, folders, safetensors_io  # noqa: E402
 from itjax.conversion import t5 as t5_conversion  # noqa: E402
-from itjax.models import decoding  # noqa: E402
 from itjax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
 
 VOCAB = 100
@@ -125,7 +124,8 @@ def test_greedy_generation_identical(converted):
                             attention_mask=torch.tensor(inputs > 0, dtype=torch.long),
                             num_beams=1, do_sample=False, max_new_tokens=DECODE_LENGTH).numpy()[:, 1:]
     hf = np.pad(hf, ((0, 0), (0, DECODE_LENGTH - hf.shape[1])))
-    ours = np.asarray(decoding.greedy_decode(module, jnp.asarray(inputs), max_decode_length=DECODE_LENGTH))
+    ours = np.asarray(EncoderDecoderModel(module.config).generate(
+        module, {"encoder_input_tokens": jnp.asarray(inputs)}, max_decode_length=DECODE_LENGTH, eos_id=1))
     np.testing.assert_array_equal(ours, hf)
     stopped = (ours == 1).any(axis=1)
     assert stopped.any() and not stopped.all(), "the test should cover rows with and without EOS"

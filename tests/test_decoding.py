@@ -1,5 +1,6 @@
-"""Tests for itjax.models.decoding with T5: the cached greedy decoder against a naive full-recompute loop (the Llama
-family: tests/test_decoding_search.py, tests/test_llama_parity.py)."""
+"""Tests for itjax.models.decoding with T5, through the model interface (`EncoderDecoderModel.generate`): the cached
+greedy decoder against a naive full-recompute loop (the Llama family: tests/test_decoding_search.py,
+tests/test_llama_parity.py)."""
 
 import dataclasses
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from itjax.models.decoding import greedy_decode
+from itjax.models.encoder_decoder import EncoderDecoderModel
 from itjax.models.t5 import T5, T5Config
 
 CONFIG = T5Config(
@@ -17,6 +18,12 @@ CONFIG = T5Config(
 )
 MAX_LENGTH = 10
 NO_EOS = CONFIG.vocab_size  # an id the model never emits
+
+
+def greedy_decode(model, encoder_input_tokens, *, max_decode_length, eos_id):
+    """Greedy decoding of a T5 module through the model interface (config taken from the module)."""
+    return EncoderDecoderModel(model.config).generate(model, {"encoder_input_tokens": encoder_input_tokens},
+                                                      max_decode_length=max_decode_length, eos_id=eos_id)
 
 
 @pytest.fixture(scope="module")

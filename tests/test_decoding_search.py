@@ -12,6 +12,8 @@ import pytest
 from flax import nnx
 
 from itjax.models import decoding
+from itjax.models.decoder_only import DecoderOnlyModel
+from itjax.models.encoder_decoder import EncoderDecoderModel
 from itjax.models.llama import Llama, LlamaConfig
 from itjax.models.t5 import T5, T5Config
 
@@ -53,25 +55,29 @@ def inputs():
     return {"t5": t5, "llama": (jnp.asarray(tokens), jnp.asarray(mask))}
 
 
+WRAPPERS = {"t5": EncoderDecoderModel(T5_CONFIG), "llama": DecoderOnlyModel(LLAMA_CONFIG)}
+
+
+def model_batch(family, inputs):
+    """The model interface's rows for the test inputs (Llama: the prompt marked by decoder_causal_attention)."""
+    if family == "t5":
+        return {"encoder_input_tokens": inputs}
+    tokens, mask = inputs
+    return {"decoder_input_tokens": tokens, "decoder_causal_attention": mask.astype(jnp.int32)}
+
+
 @functools.partial(nnx.jit, static_argnames=("family", "max_len", "options", "eos"))
 def sample(model, inputs, rng, *, family, max_len, options=(), eos=EOS):
-    """The family's sampling entry point (temperature 0 = greedy), jitted once per configuration."""
-    if family == "t5":
-        return decoding.sample_decode(model, inputs, max_decode_length=max_len, eos_id=eos, rng=rng, **dict(options))
-    tokens, mask = inputs
-    return decoding.sample_generate(model, tokens, mask, max_new_tokens=max_len, eos_id=eos, rng=rng,
-                                    **dict({"temperature": 0.0} | dict(options)))
+    """The family's sampling through the model interface (temperature 0 = greedy), jitted once per configuration."""
+    return WRAPPERS[family].generate(model, model_batch(family, inputs), max_decode_length=max_len, eos_id=eos,
+                                     method="sample", rng=rng, **dict({"temperature": 0.0} | dict(options)))
 
 
 @functools.partial(nnx.jit, static_argnames=("family", "max_len", "num_beams", "eos"))
 def beam(model, inputs, alpha, *, family, max_len, num_beams, eos=EOS):
-    """The family's beam search; alpha may be traced (one compilation for every length penalty)."""
-    if family == "t5":
-        return decoding.beam_search(model, inputs, max_decode_length=max_len, num_beams=num_beams, alpha=alpha,
-                                    eos_id=eos)
-    tokens, mask = inputs
-    return decoding.beam_generate(model, tokens, mask, max_new_tokens=max_len, num_beams=num_beams, alpha=alpha,
-                                  eos_id=eos)
+    """The family's beam search (its decode functions); alpha may be traced (one compilation for every penalty)."""
+    fns = WRAPPERS[family].decode_fns(model, model_batch(family, inputs), max_len)
+    return decoding.beam(fns, max_decode_length=max_len, num_beams=num_beams, alpha=alpha, eos_id=eos)
 
 
 @nnx.jit

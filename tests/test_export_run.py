@@ -17,8 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from itjax import convert, train as train_lib  # noqa: E402
-from itjax.conversion.runs import _restore_full_run, _run_bindings  # noqa: E402
+from itjax import convert, runs, train as train_lib  # noqa: E402
 from itjax.peft.export import load_lora_run  # noqa: E402
 
 TOKENS = np.random.RandomState(0).randint(2, 640, size=(2, 16))
@@ -67,9 +66,9 @@ def _check_full_run_export(root, name, *extra):
     run = _train(root, name, *extra)
     convert.main(["--from_run", run, "--out_dir", str(root / f"{name}_out"), "--to_hf", "--hf_dir",
                   str(root / f"{name}_hf")])
-    bindings = _run_bindings(run)
-    params = _restore_full_run(run, bindings, None)
-    module = bindings["model"].make_module(0)
+    loaded = runs.load(run)
+    params = jax.device_get(loaded.params)
+    module = loaded.model.make_module(0)
     state = nnx.state(module, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(module, state)
@@ -117,12 +116,17 @@ def test_lora_run_exports_merged_and_as_peft_adapter(hf_and_converted):
 
 def test_from_run_refuses_what_it_cannot_export(hf_and_converted, tmp_path):
     root = hf_and_converted
-    with pytest.raises(SystemExit, match="config.gin not found"):
+    with pytest.raises(SystemExit, match="is neither a training run's MODEL_DIR"):
         convert.main(["--from_run", str(tmp_path), "--out_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="already holds files|not empty"):
         convert.main(["--from_run", str(root / "full"), "--out_dir", str(root / "converted")])
     with pytest.raises(SystemExit, match="--merge_lora: .* is not a LoRA run"):
         convert.main(["--merge_lora", str(root / "full"), "--out_dir", str(tmp_path / "merged")])
+    with pytest.raises(SystemExit, match="is an itjax.convert folder, not a training run"):
+        convert.main(["--from_run", str(root / "converted"), "--out_dir", str(tmp_path / "from_converted")])
+    with pytest.raises(SystemExit, match="has no checkpoint at step 7; its checkpoints are at steps"):
+        convert.main(["--from_run", str(root / "full"), "--checkpoint_step", "7", "--out_dir", str(tmp_path / "o")])
+    assert not any(os.path.exists(tmp_path / name) for name in ("merged", "from_converted", "o"))
 
 
 def test_scanned_runs_export_to_hf(hf_and_converted):

@@ -186,3 +186,16 @@ def test_encoder_decoder_inference_rows_equal_the_feature_converters():
     rows = model.inference_batch(inputs, targets, lengths, batch_size=2)
     for name in expected[0]:
         assert rows[name].tolist() == [e[name] for e in expected], name
+
+
+def test_checkpoint_path_alone_gives_the_same_generations(run, greedy, tmp_path):
+    """`--checkpoint_path=MODEL_DIR` with no gin file: the model, task vocabulary and lengths come from the run's
+    config.gin (only its parameters are read), and the generations equal the gin-file form's."""
+    model_dir, evaluated, _ = run
+    gin.clear_config()
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"inputs": ex["input"]}) + "\n" for ex in evaluated))
+    assert infer.main([f"--checkpoint_path={model_dir}", f"--input_file={inp}", f"--output_file={out}",
+                       "--batch_size=8"]) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prediction_ids"] for r in results] == [r["prediction_ids"] for r in greedy[0]]

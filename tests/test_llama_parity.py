@@ -22,10 +22,20 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from itjax import config as config_lib  # noqa: E402
 from itjax.conversion.llama import hf_config_from_llama, llama_config_from_hf, params_from_hf_state_dict  # noqa: E402
+from itjax.models.decoder_only import DecoderOnlyModel  # noqa: E402
 from itjax.models.llama import Llama, LlamaConfig  # noqa: E402
-from itjax.models.decoding import greedy_generate  # noqa: E402
 from itjax.partitioning import STANDARD_2D_RULES, Partitioner, logical_axes_of  # noqa: E402
+
+
+def greedy_generate(module, prompt_tokens, prompt_lengths, *, max_new_tokens, eos_id):
+    """Greedy continuation of right-padded prompts [batch, l] with prompt_lengths [batch] real tokens, through the
+    model interface (`DecoderOnlyModel.generate`) -> [batch, max_new_tokens]."""
+    mask = jnp.arange(prompt_tokens.shape[1])[None, :] < prompt_lengths[:, None]
+    batch = {"decoder_input_tokens": prompt_tokens, "decoder_causal_attention": mask.astype(jnp.int32)}
+    return DecoderOnlyModel(module.config).generate(module, batch, max_decode_length=max_new_tokens, eos_id=eos_id)
+
 
 GIN_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "gin", "models")
 ALLOWED_PARAM_AXES = {"vocab", "embed", "mlp", "heads", "kv", "relpos_buckets"}
@@ -204,9 +214,10 @@ def test_conversion_rejects_wrong_shapes():
 @pytest.mark.parametrize("name,expected", [("llama3_1b", 1_235_814_400), ("llama3_8b", 8_030_261_248),
                                            ("mistral_7b", 7_241_732_096), ("qwen2_0_5b", 494_032_768)])
 def test_gin_sizes_match_hf_parameter_counts(name, expected):
-    gin.parse_config_file(os.path.join(GIN_DIR, f"{name}.gin"))
+    config_lib.parse_gin_file(os.path.join(GIN_DIR, f"{name}.gin"))
     config = gin.get_configurable(LlamaConfig)()
-    assert gin.query_parameter("itjax.models.DecoderOnlyModel.config").selector == "itjax.models.LlamaConfig"
+    assert gin.query_parameter("itjax.models.DecoderOnlyModel.config").configurable.selector == (
+        "itjax.models.LlamaConfig")
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     itjax_count = sum(int(np.prod(v.shape)) for v in _params(abstract).values())
     assert itjax_count == expected

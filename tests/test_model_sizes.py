@@ -1,6 +1,8 @@
 """Parameter counts of the real-size gin model files equal the HF models', computed on both sides without allocating.
 
-itjax side: `EncoderDecoderModel(config).abstract_module()` of the config the gin file builds (ShapeDtypeStructs).
+itjax side: `EncoderDecoderModel(config).abstract_module()` of the config the gin file builds (ShapeDtypeStructs);
+a size file includes its family file (gin/models/t5_1_1_family.gin ...), so the sizes are read through gin with the
+project's gin/ folder on the search path, as `itjax.convert.t5_config_from_gin` reads them.
 HF side: `T5ForConditionalGeneration` of the matching HF config built on the meta device. transformers 5 always ties
 `lm_head` to `shared` in the module (v1.1-style checkpoints still carry their own `lm_head.weight`, which
 from_pretrained keeps separate), so for untied models the meta model gets its own `lm_head` before counting.
@@ -9,10 +11,12 @@ from_pretrained keeps separate), so for untied models the meta model gets its ow
 import math
 import os
 
+import gin
 import jax
 import pytest
 from flax import nnx
 
+from itjax import config as config_lib
 from itjax import convert
 from itjax.models.encoder_decoder import EncoderDecoderModel
 
@@ -47,8 +51,18 @@ KNOWN_COUNTS = {
 }
 
 
+def _config(name: str):
+    """The T5Config gin/models/<name>.gin builds (family file included)."""
+    gin.clear_config()
+    try:
+        config_lib.parse_gin_file(os.path.join(GIN_DIR, f"{name}.gin"))
+        return EncoderDecoderModel().config
+    finally:
+        gin.clear_config()
+
+
 def _itjax_count(name: str) -> int:
-    config = convert.t5_config_from_gin(os.path.join(GIN_DIR, f"{name}.gin"))
+    config = _config(name)
     params = nnx.split(EncoderDecoderModel(config).abstract_module(), nnx.Param)[1]
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
@@ -71,7 +85,7 @@ def test_every_size_has_a_gin_file():
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_gin_config_matches_hf_config(name):
-    config = convert.t5_config_from_gin(os.path.join(GIN_DIR, f"{name}.gin"))
+    config = _config(name)
     hf = HF_CONFIGS[name]
     expected = convert.t5_config_from_hf({"model_type": "t5", **hf, "num_decoder_layers": hf["num_layers"]})
     assert config == expected
@@ -97,3 +111,9 @@ def test_flan_t5_xl_count():
     with torch.device("meta"):
         tied = transformers.T5ForConditionalGeneration(transformers.T5Config(**HF_CONFIGS["flan_t5_xl"]))
     assert tied.num_parameters() == 2_783_959_040
+
+
+@pytest.mark.parametrize("name", ["t5_1_1_xl", "flan_t5_base", "mt5_small", "t5_1_0_3b"])
+def test_convert_reads_the_layered_size_files(name):
+    """`itjax.convert.t5_config_from_gin` (a public reader) follows a size file's include of its family file."""
+    assert convert.t5_config_from_gin(os.path.join(GIN_DIR, f"{name}.gin")) == _config(name)

@@ -14,6 +14,7 @@ EXPECTED = {
     "quickstart.ipynb": [
         "overall exact match:",
         "step     6  exact_match",
+        "loaded step 6 of ",  # itjax.runs.load of the run's last checkpoint
         "| references:",
     ],
     "register_task.ipynb": [
@@ -53,7 +54,8 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ITJAX_NOTEBOOK_STEPS", "6")
     monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device in the kernel, as on a laptop
     notebook = nbformat.read(os.path.join(COLAB, name), as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(notebook, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = _outputs(notebook)
     for marker in EXPECTED[name]:
         assert marker in text, f"{name}: {marker!r} not in the output:\n{text[-3000:]}"

@@ -17,7 +17,8 @@ def test_wheel_ships_gin_files_and_quickstart_data(tmp_path):
         shutil.rmtree(os.path.join(ROOT, "build"), ignore_errors=True)
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
     names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
-    for gin_file in ("quickstart.gin", "runs/train.gin", "models/t5_1_1_quickstart.gin", "partitioning/fsdp.gin"):
+    for gin_file in ("quickstart.gin", "runs/train.gin", "models/t5_1_1_quickstart.gin", "partitioning/fsdp.gin",
+                     "models/t5_family.gin", "models/t5_1_1_family.gin", "models/llama_family.gin"):
         assert f"itjax/_gin/{gin_file}" in names
     assert "itjax/tasks/quickstart.py" in names
     for module in ("itjax/conversion/__init__.py", "itjax/peft/__init__.py", "itjax/data/feature_converters.py",

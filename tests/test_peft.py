@@ -379,13 +379,14 @@ def test_cached_decoding_sees_the_adapter_as_the_full_pass_does(method):
 def test_t5_greedy_decoding_with_prompt_or_prefix_matches_the_teacher_forced_pass(method):
     import jax.numpy as jnp
 
-    from itjax.models import decoding
+    from itjax.models.encoder_decoder import EncoderDecoderModel
     from itjax.models.t5 import T5, T5Config
     config = T5Config(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32, num_encoder_layers=1,
                       num_decoder_layers=1)
     module = method.apply(T5(config, rngs=nnx.Rngs(0)), nnx.Rngs(params=1))
     inputs = jnp.array([[5, 6, 7, 1, 0], [8, 9, 1, 0, 0]], jnp.int32)
-    out = decoding.greedy_decode(module, inputs, max_decode_length=4)
+    out = EncoderDecoderModel(config).generate(module, {"encoder_input_tokens": inputs}, max_decode_length=4,
+                                               eos_id=1)
     teacher = jnp.argmax(module(inputs, jnp.pad(out[:, :-1], ((0, 0), (1, 0)))), axis=-1)
     after_eos = jnp.cumsum(out == 1, axis=1) - (out == 1) > 0  # greedy decoding writes 0 there
     np.testing.assert_array_equal(out, jnp.where(after_eos, 0, teacher))

@@ -69,3 +69,29 @@ def test_remat_reduces_saved_activations():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="remat_policy='everything'.*expected one of"):
         dataclasses.replace(LLAMA_TINY, remat_policy="everything")
+
+
+def test_residual_bytes_match_jax_print_saved_residuals(capsys):
+    """The dry run's count (public jax API only) equals the list jax itself prints, less the arguments."""
+    import re
+
+    import jax.ad_checkpoint
+
+    from itjax.dry_run import residual_bytes
+
+    def loss(params, x):
+        h = jnp.tanh(x @ params["w1"]).astype(jnp.bfloat16)
+        return jnp.sum(jax.nn.relu(h.astype(jnp.float32) @ params["w2"]) ** 2)
+
+    params = {"w1": jnp.ones((16, 32)), "w2": jnp.ones((32, 8))}
+    x = jnp.ones((4, 16))
+    jax.ad_checkpoint.print_saved_residuals(loss, params, x)
+    sizes = {"f32": 4, "bf16": 2, "i32": 4, "bool": 1}
+    expected = 0
+    for line in capsys.readouterr().out.splitlines():
+        if "from the argument" in line:
+            continue
+        dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+        expected += sizes[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+    assert expected > 0
+    assert residual_bytes(loss, params, x) == expected

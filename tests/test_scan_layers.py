@@ -20,6 +20,7 @@ from itjax import checkpoints
 from itjax.conversion import folders
 from itjax.models import decoding, scan
 from itjax.models.decoder_only import DecoderOnlyModel
+from itjax.models.encoder_decoder import EncoderDecoderModel
 from itjax.models.llama import Llama, LlamaConfig
 from itjax.models.t5 import T5, T5Config
 from itjax.partitioning import FSDP_RULES, Partitioner
@@ -91,12 +92,13 @@ def test_scanned_decoding_equals_per_layer(family, method):
         mask = jnp.arange(12)[None, :] >= jnp.array([[0], [4]])  # row 1 left-padded
 
         def fns(model):
-            return decoding.llama_decode_fns(model, TOKENS, mask, 7)
+            return DecoderOnlyModel(LLAMA).decode_fns(
+                model, {"decoder_input_tokens": jnp.where(mask, TOKENS, 0), "decoder_causal_attention": mask}, 7)
     else:
         per_layer, scanned = _pair(T5_CONFIG, T5)
 
         def fns(model):
-            return decoding.t5_decode_fns(model, TOKENS, 7)
+            return EncoderDecoderModel(T5_CONFIG).decode_fns(model, {"encoder_input_tokens": TOKENS}, 7)
     expected = decoding.generate(fns(per_layer), max_decode_length=7, eos_id=1, method=method, num_beams=3)
     got = decoding.generate(fns(scanned), max_decode_length=7, eos_id=1, method=method, num_beams=3)
     assert got.tolist() == expected.tolist()

@@ -207,7 +207,7 @@ def test_activation_constraints_under_a_two_device_mesh():
         from flax import nnx
         from jax.sharding import Mesh
         from itjax import partitioning
-        from itjax.models.decoding import greedy_decode
+        from itjax.models.encoder_decoder import EncoderDecoderModel
         from itjax.models.t5 import T5, T5Config
 
         config = T5Config(vocab_size=64, d_model=32, num_heads=4, d_kv=8, d_ff=64,
@@ -218,7 +218,8 @@ def test_activation_constraints_under_a_two_device_mesh():
 
         def run(state):
             model = nnx.merge(graphdef, state)
-            return model(enc, dec), greedy_decode(model, enc, max_decode_length=3)
+            return model(enc, dec), EncoderDecoderModel(config).generate(
+                model, {"encoder_input_tokens": enc}, max_decode_length=3, eos_id=1)
 
         reference = jax.jit(run)(state)
         assert len(jax.devices()) == 2

@@ -4,7 +4,7 @@
                         sharded writer
     mapping.py          per-tensor maps HF name <-> itjax parameter path, layout changes, one checked error
     folders.py          the itjax model folder: OUT/checkpoint (params-only orbax), OUT/model.gin, tokenizer files
-    hf_tokenizer.py     the special tokens of a HF tokenizer folder (no transformers / TensorFlow needed)
+    hf_tokenizer.py     former home of `itjax.data.hf_tokenizer` (special tokens of a HF tokenizer folder)
     t5.py               T5 / mT5 (encoder-decoder)
     llama.py            Llama 2 / 3, Mistral, Qwen2 (decoder-only)
 

@@ -30,10 +30,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from itjax.conversion import ConversionError, folders, hf_tokenizer
+from itjax.conversion import ConversionError, folders
 from itjax.conversion.mapping import (Params, TensorMap, check_tensors, export_tensors, fill_params, get_path,
                                       hf_shape)
 from itjax.conversion.safetensors_io import DEFAULT_MAX_SHARD_SIZE, SafetensorsReader, write_safetensors
+from itjax.data import hf_tokenizer
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -209,11 +210,12 @@ def llama_config_from_gin(gin_file: str):
     """
     import gin
 
+    from itjax import config as config_lib
     from itjax.models.llama import LlamaConfig
 
     gin.clear_config()
     try:
-        gin.parse_config_file(gin_file, skip_unknown=["itjax.models.DecoderOnlyModel"])
+        config_lib.parse_gin_file(gin_file, skip_unknown=["itjax.models.DecoderOnlyModel", "DecoderOnlyModel"])
         return gin.get_configurable(LlamaConfig)()
     finally:
         gin.clear_config()

@@ -18,50 +18,28 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
 
 import jax
 
 from itjax.conversion import ConversionError, folders
 
-RUN_CONFIG = "config.gin"
 CARRIED_FILES = ("hf_config.json",)  # besides the tokenizer files
 
 
-def _run_bindings(model_dir: str) -> dict[str, Any]:
-    """The run's `train` bindings (model, optimizer, peft, initial_checkpoint_path ...), built from config.gin."""
-    import gin
-
-    from itjax import config as config_lib
-    import itjax.training  # noqa: F401  (registers the configurables config.gin names)
-
-    path = os.path.join(model_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path} not found; --from_run must be the MODEL_DIR of an itjax.train run.")
-    gin.clear_config()
-    try:
-        config_lib.parse_gin([path], [])
-        return gin.get_bindings("train")
-    finally:
-        gin.clear_config()
-
-
-def _restore_full_run(model_dir: str, bindings: dict[str, Any], step: int | None):
-    """The parameters of a full fine-tuning run at `step` (default: the latest), on one device."""
-    from itjax.checkpoints import Checkpointer
+def load_run(model_dir: str, step: int | None = None, flag: str = "--from_run"):
+    """The run's model at checkpoint `step` (default: the latest), parameters only, on one device
+    (`itjax.runs.load`: a PEFT run's adapter, with its frozen base in `.base_params`). ConversionError when
+    `model_dir` is not a training run or the step / base pointer is bad."""
+    from itjax import runs
     from itjax.partitioning import Partitioner
-    from itjax.trainer import Trainer
 
-    trainer = Trainer(bindings["model"], bindings["optimizer"], Partitioner(devices=jax.devices()[:1]))
-    checkpointer = Checkpointer(model_dir, period=0, use_async=False)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise ConversionError(f"no checkpoint in {checkpointer.directory}; train first.")
-        state, _ = checkpointer.restore(step, trainer.abstract_state)
-    finally:
-        checkpointer.close()
-    return jax.device_get(state["params"])
+        if runs.kind_of(model_dir) != runs.RUN:
+            raise ConversionError(f"{flag} {model_dir} is an itjax.convert folder, not a training run; it already is "
+                                  "an itjax model folder (use --to_hf --out_dir on it directly).")
+        return runs.load(model_dir, step, partitioner=Partitioner(devices=jax.devices()[:1]))
+    except runs.RunLoadError as e:
+        raise ConversionError(f"{flag}: {e}") from None
 
 
 def _model_gin(model, comment: str) -> str:
@@ -84,35 +62,35 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
     """
     from itjax.models import scan
     from itjax.peft import LoRA, merge_lora
-    from itjax.peft.export import load_lora_run, save_peft_adapter
+    from itjax.peft.export import save_peft_adapter
 
     folders.require_empty_dir(out_dir, "--out_dir")
-    bindings = _run_bindings(model_dir)
-    peft = bindings.get("peft")
+    if peft_out:
+        folders.require_empty_dir(peft_out, "--peft_out")
+    loaded = load_run(model_dir, step, "--merge_lora" if require_lora else "--from_run")
+    peft = loaded.peft
     if require_lora and not isinstance(peft, LoRA):
         raise ConversionError(f"--merge_lora: {model_dir} is not a LoRA run (train.peft = {peft!r}); use --from_run "
                               "to export a full fine-tuning run.")
     if peft is None:
         if peft_out:
             raise ConversionError(f"--peft_out: {model_dir} is a full fine-tuning run, it has no adapter to write.")
-        params = scan.unstack_layers(_restore_full_run(model_dir, bindings, step))
+        params = scan.unstack_layers(loaded.params)
         what = "full fine-tuning"
     elif isinstance(peft, LoRA):
-        base, adapter, lora, _ = load_lora_run(model_dir, step)
         if peft_out:
-            folders.require_empty_dir(peft_out, "--peft_out")
-            save_peft_adapter(peft_out, adapter, lora, base_model_name_or_path=bindings.get("initial_checkpoint_path"))
-        params = scan.unstack_layers(merge_lora(base, adapter, alpha=lora.alpha))
-        what = f"LoRA merged ({lora!r})"
+            save_peft_adapter(peft_out, loaded.params, peft, base_model_name_or_path=loaded.initial_checkpoint_path)
+        params = scan.unstack_layers(merge_lora(loaded.base_params, loaded.params, alpha=peft.alpha))
+        what = f"LoRA merged ({peft!r})"
     else:
         raise ConversionError(f"{model_dir} trained {peft!r}: only full fine-tuning and LoRA runs export to a plain "
                               "model (prompt / prefix tuning need inputs a HF model has no place for).")
     os.makedirs(out_dir, exist_ok=True)
     folders.save_params(params, out_dir)
     with open(os.path.join(out_dir, folders.MODEL_GIN), "w") as f:
-        f.write(_model_gin(bindings["model"], f"Exported from the run {os.path.abspath(model_dir)} "
-                                              f"({what}) by itjax.convert --from_run."))
-    source = bindings.get("initial_checkpoint_path")
+        f.write(_model_gin(loaded.model, f"Exported from the run {os.path.abspath(model_dir)} "
+                                         f"({what}) by itjax.convert --from_run."))
+    source = loaded.initial_checkpoint_path
     if source and os.path.isdir(source):
         folders.copy_tokenizer_files(source, out_dir)
         for name in CARRIED_FILES:

@@ -142,14 +142,16 @@ def model_gin_text(config, comment: str = "Converted from a HF checkpoint by itj
 
 
 def t5_config_from_gin(gin_file: str):
-    """Reads the `T5Config` a gin model file builds. Clears gin's global config before and after."""
+    """Reads the `T5Config` a gin model file builds (its includes resolve against the project's gin/ folder).
+    Clears gin's global config before and after."""
     import gin
 
+    from itjax import config as config_lib
     from itjax.models.encoder_decoder import EncoderDecoderModel
 
     gin.clear_config()
     try:
-        gin.parse_config_file(gin_file)
+        config_lib.parse_gin_file(gin_file)
         config = EncoderDecoderModel().config
     finally:
         gin.clear_config()

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from itjax import cli
+
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -205,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--gin_bindings", action="append", default=[])
         p.add_argument("--gin_search_paths", default="")
         p.add_argument("--feature_lengths", default=None, help="e.g. inputs=256,targets=32")
+        cli.add_verbose_flag(p)
         if command == "show":
             p.add_argument("--num", type=int, default=3, help="examples per task")
             p.add_argument("--num_tasks", type=int, default=3, help="tasks of a mixture to show")
@@ -227,6 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     bindings, rest = config_lib.split_gin_overrides(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(rest)
+    cli.start(args.verbose)
     try:
         name, lengths = args.name, None
         if args.gin_file or args.gin_bindings or bindings:

@@ -30,7 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from itjax.conversion import hf_tokenizer
+from itjax.data import hf_tokenizer
 
 SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
 

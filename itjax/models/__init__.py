@@ -1,8 +1,11 @@
-"""Flax NNX models: the T5 family (encoder-decoder), shared layers and decoding."""
+"""Flax NNX models: the T5 (encoder-decoder) and Llama (decoder-only) families behind one interface.
 
-from flax import nnx
+    base.py             BaseModel: what the trainer, evaluation, inference and the dry run may call
+    encoder_decoder.py  EncoderDecoderModel (T5, mT5, Flan-T5) over a `t5.T5` module
+    decoder_only.py     DecoderOnlyModel (Llama 2 / 3, Mistral, Qwen2) over a `llama.Llama` module
+    decoding.py         greedy, sampling and beam search for any family (`BaseModel.decode_fns`)
+    layers.py, scan.py  shared layers; scanning over a layer stack
 
-# Logical axis names on parameters (`out_sharding=('embed', 'mlp')`, formerly `sharding_names`) are metadata only:
-# `itjax.partitioning` maps them to mesh shardings. Without this, flax 0.12 shards every Variable eagerly at creation
-# and refuses logical names outside a mesh context.
-nnx.use_eager_sharding(False)
+Importing this package changes no global JAX / Flax state: model variables are created with
+`eager_sharding=False` (their logical axis names are metadata that `itjax.partitioning` maps to mesh shardings).
+"""

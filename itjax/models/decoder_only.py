@@ -1,17 +1,15 @@
-"""DecoderOnlyModel: what the trainer needs from a Llama-family model (T5X's `DecoderOnlyModel` idea).
+"""DecoderOnlyModel: the Llama family behind the `BaseModel` interface (T5X's `DecoderOnlyModel` idea).
 
-Same interface as `EncoderDecoderModel` (make_module, abstract_module, loss_terms, predict, score,
-feature_converter_cls, and for `itjax.inference`: decode_fns, inference_batch), over the rows of
-`itjax.data.feature_converters.DecoderFeatureConverter`:
+Rows are those of `itjax.data.feature_converters.DecoderFeatureConverter`:
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` (0 on prompt tokens),
 `decoder_causal_attention` (1 on the prompt), `decoder_segment_ids` (0 = padding) and `decoder_positions`,
 all int32 [batch, length]. Position t of a row predicts its token t + 1, so the loss, the teacher-forced accuracy
-and `score` only count target tokens, and `predict` continues each row's prompt.
+and `score` only count target tokens, and decoding continues each row's prompt (`llama_decode_fns`, this family's
+hook into `itjax.models.decoding`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import gin
@@ -23,13 +21,35 @@ from flax import nnx
 from itjax import losses
 from itjax.data.feature_converters import DecoderFeatureConverter
 from itjax.models import decoding
+from itjax.models.base import BaseModel
 from itjax.models.llama import Llama, LlamaConfig
 
 Batch = Mapping[str, jax.Array]
 
 
+def llama_decode_fns(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                     max_decode_length: int) -> decoding.DecodeFns:
+    """Decoding with a Llama module: prompt_tokens int32 [batch, l], prompt_mask bool [batch, l] True at real
+    prompt tokens (left, right or no padding; each row's real tokens contiguous, at least one). The carry is
+    (`llama.DecodeCache` of l + max_decode_length slots, rotary position [batch] int32 of the next token to feed);
+    each row continues at its own position."""
+
+    def start():
+        cache = model.init_decode_cache(prompt_tokens.shape[0], prompt_tokens.shape[1] + max_decode_length)
+        logits, positions, cache = model.prefill(prompt_tokens, prompt_mask, cache)
+        return logits, (cache, positions)
+
+    def step(tokens, index, carry):
+        del index  # each row has its own position, carried
+        cache, positions = carry
+        logits, cache = model.decode_step(tokens, positions, cache)
+        return logits, (cache, positions + 1)
+
+    return decoding.DecodeFns(start, step, lambda carry: (carry[0].batch_axes(), 0))
+
+
 @gin.configurable(module="itjax.models")
-class DecoderOnlyModel:
+class DecoderOnlyModel(BaseModel):
     """A Llama-family causal LM plus its instruction-tuning conventions.
 
     Args:
@@ -43,50 +63,29 @@ class DecoderOnlyModel:
     def __init__(self, config: LlamaConfig = gin.REQUIRED, z_loss: float = 1e-4,
                  loss_normalizing_factor: float | str | None = losses.NUM_REAL_TARGET_TOKENS,
                  bos_id: int | None = None):
-        self.config = config
-        self.z_loss = z_loss
-        self.loss_normalizing_factor = loss_normalizing_factor
+        super().__init__(config, z_loss=z_loss, loss_normalizing_factor=loss_normalizing_factor)
         self.bos_id = bos_id
 
-    @property
-    def feature_converter_cls(self):
-        """`cls(pack=...)` -> the seqio feature converter for this model (BOS bound)."""
-        return functools.partial(DecoderFeatureConverter, bos_id=self.bos_id)
+    def feature_converter(self, pack: bool = True, **kwargs) -> DecoderFeatureConverter:
+        """`DecoderFeatureConverter` with this model's `bos_id` (kwargs go to it)."""
+        return DecoderFeatureConverter(pack=pack, bos_id=self.bos_id, **kwargs)
 
-    def make_module(self, seed: int) -> Llama:
-        """A freshly initialised module (parameters drawn from `seed`)."""
-        return Llama(self.config, rngs=nnx.Rngs(params=seed))
+    def build_module(self, rngs: nnx.Rngs) -> Llama:
+        return Llama(self.config, rngs=rngs)
 
-    def abstract_module(self, seed: int = 0) -> Llama:
-        """The module with ShapeDtypeStruct leaves: shapes and logical axes without allocating weights."""
-        return nnx.eval_shape(lambda: self.make_module(seed))
-
-    @staticmethod
-    def logits(module: Llama, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def logits(self, module: Llama, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Teacher-forced logits [batch, length, vocab] float32; position t scores decoder_target_tokens[t]."""
         return module(batch["decoder_input_tokens"], positions=batch["decoder_positions"],
                       segment_ids=batch["decoder_segment_ids"], dropout_rng=dropout_rng)
 
-    def loss_terms(self, module: Llama, batch: Batch, weights: jax.Array,
-                   dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-        """Sums over the batch: weighted loss (z-loss included), z-loss, correct target tokens, target tokens."""
-        return losses.teacher_forced_terms(self.logits(module, batch, dropout_rng), batch["decoder_target_tokens"],
-                                           batch["decoder_loss_weights"], weights, self.z_loss)
-
-    @staticmethod
-    def decode_fns(module: Llama, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
+    def decode_fns(self, module: Llama, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
         """Continuation of each row's prompt: the `decoder_causal_attention` tokens of `decoder_input_tokens`
         (BOS + inputs; any padding side); a row without one starts from its first token."""
         tokens = batch["decoder_input_tokens"]
         mask = batch["decoder_causal_attention"] > 0
         first = jnp.arange(tokens.shape[1])[None, :] == 0
         mask = mask | (first & ~jnp.any(mask, axis=1, keepdims=True))
-        return decoding.llama_decode_fns(module, jnp.where(mask, tokens, 0), mask, max_decode_length)
-
-    def predict(self, module: Llama, batch: Batch, max_decode_length: int, eos_id: int = 1) -> jax.Array:
-        """Greedy continuation of each row's prompt with a KV cache: [batch, max_decode_length] (0 after EOS)."""
-        return decoding.greedy(self.decode_fns(module, batch, max_decode_length), max_decode_length=max_decode_length,
-                               eos_id=eos_id)
+        return llama_decode_fns(module, jnp.where(mask, tokens, 0), mask, max_decode_length)
 
     def inference_batch(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | None,
                         lengths: Mapping[str, int], batch_size: int) -> dict[str, np.ndarray]:
@@ -119,8 +118,3 @@ class DecoderOnlyModel:
             rows["decoder_segment_ids"][i, :n] = 1
             rows["decoder_positions"][i, :n] = np.arange(n)
         return rows
-
-    def score(self, module: Llama, batch: Batch) -> jax.Array:
-        """Log-likelihood of each row's target tokens: [batch] float32 (nats, summed over loss-weighted tokens)."""
-        return losses.target_log_likelihood(self.logits(module, batch), batch["decoder_target_tokens"],
-                                            batch["decoder_loss_weights"])

@@ -1,6 +1,8 @@
-"""Autoregressive decoding for both model families: greedy, sampling and beam search, written once.
+"""Autoregressive decoding, written once for every model family: greedy, sampling and beam search.
 
-A model family plugs in through `DecodeFns`, two pure functions over a batch of prompts:
+A model plugs in through `DecodeFns`, two pure functions over a batch of prompts that its model wrapper supplies
+(`BaseModel.decode_fns(module, batch, max_decode_length)`; `encoder_decoder.t5_decode_fns`,
+`decoder_only.llama_decode_fns`):
 
     start()                      -> (logits [batch, vocab] float32 of generated token 0, carry)
     step(tokens, index, carry)   -> (logits [batch, vocab] float32 of generated token index + 1, carry)
@@ -8,12 +10,10 @@ A model family plugs in through `DecodeFns`, two pure functions over a batch of 
 where `tokens` [batch] int32 are the generated tokens number `index` (a scalar int32) and `carry` is any pytree
 with a batch axis in every leaf (key / value caches, per-row positions), so beam search can repeat it per beam and
 reorder it with one gather per leaf. `batch_axes(carry)` gives each leaf's batch axis (the leading one, except in
-the layer-stacked caches of `scan_layers` models, [layers, batch, ...]). The encoder-decoder adapter (`t5_decode_fns`) encodes once
-and feeds the start token at decoder position 0; the decoder-only adapter (`llama_decode_fns`) prefills left- or
-right-padded prompts and continues each row at its own rotary position.
+the layer-stacked caches of `scan_layers` models, [layers, batch, ...]). This module imports no model family.
 
 The loops run in `jax.lax.while_loop` with static lengths and stop as soon as every row (or every beam search
-row) is done; everything is jittable (jit a function that merges the model from its state and calls them).
+row) is done; everything is jittable. `itjax.trainer.Trainer.generate` is the compiled, cached entry point.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from itjax.models.llama import Llama
-from itjax.models.t5 import T5
 
 NEG_INF = -1e30  # score of an empty / impossible hypothesis (finite: arithmetic on it stays well defined)
 
@@ -35,49 +32,6 @@ class DecodeFns(NamedTuple):
     start: Callable[[], tuple[jax.Array, Any]]
     step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
     batch_axes: Callable[[Any], Any]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model adapters
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def t5_decode_fns(model: T5, encoder_input_tokens: jax.Array, max_decode_length: int) -> DecodeFns:
-    """Encoder-decoder: encoder_input_tokens int32 [batch, l_in] (0 = padding, unpacked); the carry is the
-    `t5.DecodeCache` (self-attention keys / values for max_decode_length positions, cross keys / values)."""
-
-    def start():
-        batch = encoder_input_tokens.shape[0]
-        encoded = model.encode(encoder_input_tokens)
-        cache = model.init_decode_cache(encoded, encoder_input_tokens, max_decode_length)
-        first = jnp.full((batch,), model.config.decoder_start_token_id, jnp.int32)
-        return model.decode_step(first, jnp.zeros((), jnp.int32), cache)
-
-    def step(tokens, index, cache):
-        # Generated token `index` sits at decoder position index + 1 (position 0 holds the start token).
-        return model.decode_step(tokens, index + 1, cache)
-
-    return DecodeFns(start, step, lambda cache: cache.batch_axes())
-
-
-def llama_decode_fns(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-                     max_decode_length: int) -> DecodeFns:
-    """Decoder-only: prompt_tokens int32 [batch, l], prompt_mask bool [batch, l] True at real prompt tokens (left,
-    right or no padding; each row's real tokens contiguous, at least one). The carry is (`llama.DecodeCache` of
-    l + max_decode_length slots, rotary position [batch] int32 of the next token to feed)."""
-
-    def start():
-        cache = model.init_decode_cache(prompt_tokens.shape[0], prompt_tokens.shape[1] + max_decode_length)
-        logits, positions, cache = model.prefill(prompt_tokens, prompt_mask, cache)
-        return logits, (cache, positions)
-
-    def step(tokens, index, carry):
-        del index  # each row has its own position, carried
-        cache, positions = carry
-        logits, cache = model.decode_step(tokens, positions, cache)
-        return logits, (cache, positions + 1)
-
-    return DecodeFns(start, step, lambda carry: (carry[0].batch_axes(), 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +72,7 @@ def sample(fns: DecodeFns, *, max_decode_length: int, eos_id: int | jax.Array, t
     """Greedy (temperature 0) or sampled decoding with temperature, top-k and nucleus (top-p) filtering.
 
     Args:
-      fns: the model and prompts (`t5_decode_fns`, `llama_decode_fns`).
+      fns: the model and prompts (`BaseModel.decode_fns`).
       max_decode_length: maximum number of generated tokens (static, >= 1).
       eos_id: end-of-sequence token id (may be traced).
       temperature: 0 = argmax; otherwise logits are divided by it before sampling.
@@ -294,58 +248,27 @@ def generate(fns: DecodeFns, *, max_decode_length: int, eos_id: int | jax.Array,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-family conveniences (the model object plus its usual inputs)
+# Names that moved
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def greedy_decode(model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int,
-                  eos_id: int = 1) -> jax.Array:
-    """T5 greedy decoding of encoder_input_tokens [batch, l_in] -> [batch, max_decode_length]."""
-    return greedy(t5_decode_fns(model, encoder_input_tokens, max_decode_length),
-                  max_decode_length=max_decode_length, eos_id=eos_id)
-
-
-def sample_decode(model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int, eos_id: int = 1,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  rng: jax.Array | None = None) -> jax.Array:
-    """T5 greedy / sampled decoding (see `sample`) -> [batch, max_decode_length]."""
-    return sample(t5_decode_fns(model, encoder_input_tokens, max_decode_length),
-                  max_decode_length=max_decode_length, eos_id=eos_id, temperature=temperature, top_k=top_k,
-                  top_p=top_p, rng=rng)
-
-
-def beam_search(model: T5, encoder_input_tokens: jax.Array, *, max_decode_length: int, num_beams: int = 4,
-                alpha: float = 0.6, eos_id: int = 1) -> tuple[jax.Array, jax.Array]:
-    """T5 beam search (see `beam`) -> (tokens [batch, max_decode_length], scores [batch])."""
-    return beam(t5_decode_fns(model, encoder_input_tokens, max_decode_length),
-                max_decode_length=max_decode_length, num_beams=num_beams, alpha=alpha, eos_id=eos_id)
+_MOVED = {
+    "t5_decode_fns": "itjax.models.encoder_decoder.t5_decode_fns",
+    "llama_decode_fns": "itjax.models.decoder_only.llama_decode_fns",
+    "greedy_decode": "model.generate(module, batch, method='greedy', ...) of an itjax.models.EncoderDecoderModel",
+    "sample_decode": "model.generate(module, batch, method='sample', ...) of an itjax.models.EncoderDecoderModel",
+    "beam_search": "decoding.beam(model.decode_fns(module, batch, max_decode_length), ...) of an "
+                   "itjax.models.EncoderDecoderModel",
+    "greedy_generate": "model.generate(module, batch, method='greedy', ...) of an itjax.models.DecoderOnlyModel",
+    "sample_generate": "model.generate(module, batch, method='sample', ...) of an itjax.models.DecoderOnlyModel",
+    "beam_generate": "decoding.beam(model.decode_fns(module, batch, max_decode_length), ...) of an "
+                     "itjax.models.DecoderOnlyModel",
+    "right_padded_mask": "a prompt mask built by the caller (DecoderOnlyModel.decode_fns reads "
+                         "decoder_causal_attention)",
+}
 
 
-def right_padded_mask(prompt_lengths: jax.Array, length: int) -> jax.Array:
-    """bool [batch, length], True at the first prompt_lengths[b] slots of each row."""
-    return jnp.arange(length)[None, :] < prompt_lengths[:, None]
-
-
-def greedy_generate(model: Llama, prompt_tokens: jax.Array, prompt_lengths: jax.Array, *, max_new_tokens: int,
-                    eos_id: int | jax.Array) -> jax.Array:
-    """Llama greedy continuation of right-padded prompts [batch, l] with prompt_lengths [batch] (>= 1) real
-    tokens -> [batch, max_new_tokens] (prompt excluded, EOS included, 0 after EOS)."""
-    mask = right_padded_mask(prompt_lengths, prompt_tokens.shape[1])
-    return greedy(llama_decode_fns(model, prompt_tokens, mask, max_new_tokens), max_decode_length=max_new_tokens,
-                  eos_id=eos_id)
-
-
-def sample_generate(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, max_new_tokens: int,
-                    eos_id: int | jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    rng: jax.Array | None = None) -> jax.Array:
-    """Llama sampled continuation of prompts [batch, l] marked by prompt_mask (see `llama_decode_fns`)."""
-    return sample(llama_decode_fns(model, prompt_tokens, prompt_mask, max_new_tokens),
-                  max_decode_length=max_new_tokens, eos_id=eos_id, temperature=temperature, top_k=top_k,
-                  top_p=top_p, rng=rng)
-
-
-def beam_generate(model: Llama, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, max_new_tokens: int,
-                  num_beams: int = 4, alpha: float = 0.6, eos_id: int | jax.Array = 1) -> tuple[jax.Array, jax.Array]:
-    """Llama beam search over continuations of prompts [batch, l] marked by prompt_mask -> (tokens, scores)."""
-    return beam(llama_decode_fns(model, prompt_tokens, prompt_mask, max_new_tokens),
-                max_decode_length=max_new_tokens, num_beams=num_beams, alpha=alpha, eos_id=eos_id)
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(f"itjax.models.decoding.{name} was removed (decoding knows no model family); use "
+                             f"{_MOVED[name]}, or Trainer.generate for a compiled, cached call.")
+    raise AttributeError(f"module 'itjax.models.decoding' has no attribute {name!r}")

@@ -1,11 +1,9 @@
-"""EncoderDecoderModel: what the trainer needs from a T5-family model (the T5X `EncoderDecoderModel` idea).
+"""EncoderDecoderModel: the T5 family behind the `BaseModel` interface (the T5X `EncoderDecoderModel` idea).
 
-It owns the module config and the loss conventions, and exposes pure functions of (module, batch) that the
-trainer jits: `loss_terms` for training / teacher-forced eval, `predict` for generation, `score` for
-per-example log-likelihoods; `decode_fns` (the model's hook into `itjax.models.decoding`) and `inference_batch`
-(rows from token ids) serve `itjax.inference`. Batches are the features of `seqio.EncDecFeatureConverter`:
-`encoder_input_tokens`, `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` [batch, length]
-and, when packed, `*_segment_ids` / `*_positions`.
+Batches are the features of `seqio.EncDecFeatureConverter`: `encoder_input_tokens`, `decoder_input_tokens`,
+`decoder_target_tokens`, `decoder_loss_weights` [batch, length] and, when packed, `*_segment_ids` / `*_positions`.
+Decoding encodes each row's `encoder_input_tokens` once and feeds the decoder from its start token
+(`t5_decode_fns`, this family's hook into `itjax.models.decoding`).
 """
 
 from __future__ import annotations
@@ -14,12 +12,14 @@ from typing import Mapping, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import seqio
 from flax import nnx
 
 from itjax import losses
 from itjax.models import decoding
+from itjax.models.base import BaseModel
 from itjax.models.t5 import T5, T5Config
 
 gin.external_configurable(T5Config, module="itjax.models")
@@ -27,8 +27,26 @@ gin.external_configurable(T5Config, module="itjax.models")
 Batch = Mapping[str, jax.Array]
 
 
+def t5_decode_fns(model: T5, encoder_input_tokens: jax.Array, max_decode_length: int) -> decoding.DecodeFns:
+    """Decoding with a T5 module: encoder_input_tokens int32 [batch, l_in] (0 = padding, unpacked); the carry is
+    the `t5.DecodeCache` (self-attention keys / values for max_decode_length positions, cross keys / values)."""
+
+    def start():
+        batch = encoder_input_tokens.shape[0]
+        encoded = model.encode(encoder_input_tokens)
+        cache = model.init_decode_cache(encoded, encoder_input_tokens, max_decode_length)
+        first = jnp.full((batch,), model.config.decoder_start_token_id, jnp.int32)
+        return model.decode_step(first, jnp.zeros((), jnp.int32), cache)
+
+    def step(tokens, index, cache):
+        # Generated token `index` sits at decoder position index + 1 (position 0 holds the start token).
+        return model.decode_step(tokens, index + 1, cache)
+
+    return decoding.DecodeFns(start, step, lambda cache: cache.batch_axes())
+
+
 @gin.configurable(module="itjax.models")
-class EncoderDecoderModel:
+class EncoderDecoderModel(BaseModel):
     """A T5-family model plus its training conventions.
 
     Args:
@@ -37,24 +55,18 @@ class EncoderDecoderModel:
       loss_normalizing_factor: None (sum), a number, or a losses.SPECIAL_FACTORS name.
     """
 
-    feature_converter_cls = seqio.EncDecFeatureConverter
-
     def __init__(self, config: T5Config = gin.REQUIRED, z_loss: float = 1e-4,
                  loss_normalizing_factor: float | str | None = losses.NUM_REAL_TARGET_TOKENS):
-        self.config = config
-        self.z_loss = z_loss
-        self.loss_normalizing_factor = loss_normalizing_factor
+        super().__init__(config, z_loss=z_loss, loss_normalizing_factor=loss_normalizing_factor)
 
-    def make_module(self, seed: int) -> T5:
-        """A freshly initialised module (parameters drawn from `seed`)."""
-        return T5(self.config, rngs=nnx.Rngs(params=seed))
+    def feature_converter(self, pack: bool = True, **kwargs) -> seqio.FeatureConverter:
+        """`seqio.EncDecFeatureConverter` (kwargs go to it)."""
+        return seqio.EncDecFeatureConverter(pack=pack, **kwargs)
 
-    def abstract_module(self, seed: int = 0) -> T5:
-        """The module with ShapeDtypeStruct leaves: shapes and logical axes without allocating weights."""
-        return nnx.eval_shape(lambda: self.make_module(seed))
+    def build_module(self, rngs: nnx.Rngs) -> T5:
+        return T5(self.config, rngs=rngs)
 
-    @staticmethod
-    def logits(module: T5, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def logits(self, module: T5, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Teacher-forced logits [batch, target_length, vocab] float32."""
         return module(
             batch["encoder_input_tokens"], batch["decoder_input_tokens"],
@@ -62,24 +74,9 @@ class EncoderDecoderModel:
             encoder_positions=batch.get("encoder_positions"), decoder_positions=batch.get("decoder_positions"),
             dropout_rng=dropout_rng)
 
-    def loss_terms(self, module: T5, batch: Batch, weights: jax.Array,
-                   dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-        """Sums over the batch: weighted loss (z-loss included), z-loss, correct tokens, real target tokens.
-
-        `weights` [batch, length] are the (possibly renormalised) per-token loss weights.
-        """
-        return losses.teacher_forced_terms(self.logits(module, batch, dropout_rng), batch["decoder_target_tokens"],
-                                           batch["decoder_loss_weights"], weights, self.z_loss)
-
-    @staticmethod
-    def decode_fns(module: T5, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
-        """Decoding of each row's `encoder_input_tokens` (unpacked) for `itjax.models.decoding`."""
-        return decoding.t5_decode_fns(module, batch["encoder_input_tokens"], max_decode_length)
-
-    def predict(self, module: T5, batch: Batch, max_decode_length: int, eos_id: int = 1) -> jax.Array:
-        """Greedy decoding with a KV cache: [batch, max_decode_length] token ids (0 after EOS)."""
-        return decoding.greedy(self.decode_fns(module, batch, max_decode_length), max_decode_length=max_decode_length,
-                               eos_id=eos_id)
+    def decode_fns(self, module: T5, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
+        """Decoding of each row's `encoder_input_tokens` (unpacked); the other features are not read."""
+        return t5_decode_fns(module, batch["encoder_input_tokens"], max_decode_length)
 
     def inference_batch(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]] | None,
                         lengths: Mapping[str, int], batch_size: int) -> dict[str, np.ndarray]:
@@ -104,8 +101,3 @@ class EncoderDecoderModel:
             "decoder_target_tokens": target_tokens,
             "decoder_loss_weights": (target_tokens > 0).astype(np.int32),
         }
-
-    def score(self, module: T5, batch: Batch) -> jax.Array:
-        """Log-likelihood of each example's targets under the model: [batch] float32 (nats, summed over tokens)."""
-        return losses.target_log_likelihood(self.logits(module, batch), batch["decoder_target_tokens"],
-                                            batch["decoder_loss_weights"])

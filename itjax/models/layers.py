@@ -1,8 +1,10 @@
 """Layers shared by the model families: RMS norm, einsum projections, embeddings, MLPs and dropout.
 
 Conventions:
-- Parameters are float32 and carry logical axis names (`out_sharding`, e.g. `('embed', 'mlp')`); computation runs
-  in the module's `dtype` (float32 or bfloat16) except where noted (norm statistics, final logits).
+- Parameters are float32 and carry logical axis names (`out_sharding`, e.g. `('embed', 'mlp')`) as metadata only:
+  every itjax variable is created with `eager_sharding=False` (whatever `nnx.use_eager_sharding` says), so modules
+  build outside a mesh and `itjax.partitioning` maps the names to mesh shardings. Computation runs in the module's
+  `dtype` (float32 or bfloat16) except where noted (norm statistics, final logits).
 - Dense kernels are `[*in_dims, *out_dims]` (T5X `DenseGeneral` layout): `[embed, mlp]` for an MLP input,
   `[embed, heads, kv]` for attention q/k/v and `[heads, kv, embed]` for the attention output.
 - Randomness is functional: dropout takes an explicit PRNG key (`None` = deterministic), modules keep no RNG state,
@@ -24,6 +26,10 @@ Initializer = Callable[..., jax.Array]
 
 # Activation names on the hidden states of a transformer stack.
 HIDDEN_AXES = ("batch", "length", "embed")
+
+# Additive attention bias for masked pairs (both families); finite so fully masked rows give a uniform softmax,
+# not NaN.
+MASK_BIAS = -1e10
 
 
 def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
@@ -76,7 +82,7 @@ class RMSNorm(nnx.Module):
     """
 
     def __init__(self, features: int, *, epsilon: float = 1e-6, dtype: jnp.dtype = jnp.float32):
-        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), out_sharding=("embed",))
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), out_sharding=("embed",), eager_sharding=False)
         self.epsilon = epsilon
         self.dtype = dtype
 
@@ -111,7 +117,8 @@ class Dense(nnx.Module):
             raise ValueError(f"Dense: kernel_axes {tuple(kernel_axes)} do not match the kernel shape "
                              f"{in_shape + out_shape}")
         flat = kernel_init(rngs.params(), (math.prod(in_shape), math.prod(out_shape)), jnp.float32)
-        self.kernel = nnx.Param(flat.reshape(in_shape + out_shape), out_sharding=tuple(kernel_axes))
+        self.kernel = nnx.Param(flat.reshape(in_shape + out_shape), out_sharding=tuple(kernel_axes),
+                               eager_sharding=False)
         self.num_in_dims = len(in_shape)
         self.dtype = dtype
 
@@ -136,7 +143,7 @@ class Embed(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
     ):
         table = embedding_init(rngs.params(), (num_embeddings, features), jnp.float32)
-        self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"))
+        self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"), eager_sharding=False)
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

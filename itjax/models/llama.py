@@ -29,7 +29,7 @@ logical name 'heads' as the query heads do, so tensor-parallel rules shard both 
 
 Masks: attention is causal (and, with `sliding_window` W, limited to the last W positions); with packing
 (`segment_ids` 1, 2, ..., 0 = padding) it stays within a segment and `positions` restart per segment. Masked
-pairs get a finite additive bias (`t5.MASK_BIAS`) on float32 logits.
+pairs get a finite additive bias (`layers.MASK_BIAS`) on float32 logits.
 
 Incremental decoding uses a functional `DecodeCache` (keys / values [batch, max_length, kv_heads, head_dim] per
 layer, a per-slot validity mask and a per-row write index), so prompts may be left- or right-padded: `prefill`
@@ -52,8 +52,8 @@ import numpy as np
 from flax import nnx
 
 from itjax.models import scan
-from itjax.models.layers import HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat, split_rng
-from itjax.models.t5 import MASK_BIAS
+from itjax.models.layers import (HIDDEN_AXES, MASK_BIAS, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat,
+                                 split_rng)
 from itjax.partitioning import with_logical_constraint
 
 DTYPES = ("float32", "bfloat16")
@@ -197,7 +197,8 @@ class Projection(Dense):
         if use_bias:
             out_shape = self.kernel.shape[self.num_in_dims:]
             self.bias = nnx.Param(jnp.zeros(out_shape, jnp.float32),
-                                  out_sharding=tuple(kernel_axes[self.num_in_dims:]))
+                                  out_sharding=tuple(kernel_axes[self.num_in_dims:]),
+                                  eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., *in_dims] -> [..., *out_dims] in `dtype`."""

@@ -50,11 +50,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from itjax.models import scan
-from itjax.models.layers import HIDDEN_AXES, MLP, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat, split_rng
+from itjax.models.layers import (HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSNorm, check_remat_policy,
+                                 dropout, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
-
-# Additive attention bias for masked pairs; finite so fully masked rows give a uniform softmax, not NaN.
-MASK_BIAS = -1e10
 
 FEED_FORWARD_TYPES = ("gated-gelu", "relu")
 DTYPES = ("float32", "bfloat16")
@@ -192,7 +190,8 @@ class RelativePositionBias(nnx.Module):
     def __init__(self, config: T5Config, *, bidirectional: bool, rngs: nnx.Rngs):
         init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
         table = init(rngs.params(), (config.relative_attention_num_buckets, config.num_heads), jnp.float32)
-        self.embedding = nnx.Param(table, out_sharding=("relpos_buckets", "heads"))
+        self.embedding = nnx.Param(table, out_sharding=("relpos_buckets", "heads"),
+                                   eager_sharding=False)
         self.bidirectional = bidirectional
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from itjax.config import ConfigError
+from itjax import param_paths
 from itjax.models import scan
 from itjax.models.layers import Dense
 
@@ -72,6 +73,12 @@ def dense_layers(module: nnx.Module) -> dict[tuple, Dense]:
             if isinstance(node, Dense) and len(path) > 0}
 
 
+def model_family(module: nnx.Module) -> str:
+    """'llama' for the decoder-only family (q_proj-style layer names), 't5' otherwise: which defaults a method
+    uses (target layers, the embedding table)."""
+    return "llama" if any(p[-1] == "q_proj" for p in dense_layers(module)) else "t5"
+
+
 def find_targets(module: nnx.Module, target_modules: Sequence[str], setting: str) -> dict[tuple, Dense]:
     """The Dense layers whose attribute name (the last path element) is one of `target_modules`.
 
@@ -109,14 +116,14 @@ def stack_shape(layer: Dense) -> tuple[int, ...]:
     """The leading layer-stack dims of a Dense inside a `scan_layers` stack ((L,)), else ()."""
     axes = _kernel_axes(layer)
     lead = 0
-    while lead < len(axes) and axes[lead] == scan.LAYER_AXIS:
+    while lead < len(axes) and axes[lead] == param_paths.LAYER_AXIS:
         lead += 1
     return tuple(layer.kernel.shape[:lead])
 
 
 def stack_axes(layer: Dense) -> tuple:
     """Logical names of `stack_shape(layer)`: what an adapter variable of this layer puts in front of its own."""
-    return (scan.LAYER_AXIS,) * len(stack_shape(layer))
+    return (param_paths.LAYER_AXIS,) * len(stack_shape(layer))
 
 
 def in_shape(layer: Dense) -> tuple[int, ...]:

@@ -106,49 +106,16 @@ def save_peft_adapter(out_dir: str, adapter: Any, lora: LoRA, *, base_model_name
 
 
 def load_lora_run(model_dir: str, step: int | None = None):
-    """(base params, adapter params, LoRA settings, model) of a LoRA training run in MODEL_DIR.
+    """(base params, adapter params, LoRA settings, model) of a LoRA training run in MODEL_DIR, as host arrays.
 
-    Reads the run's operative config (MODEL_DIR/config.gin), restores the adapter checkpoint at `step` (default:
-    the latest) and the base weights its pointer names (see itjax.checkpoints.restore_peft_base). This is what
+    Restores only the adapter of the checkpoint at `step` (default: the latest) and the base weights its pointer
+    names (`itjax.runs.load`, which also checks the base against the adapter's fingerprint). This is what
     `itjax.convert --merge_lora` / `--peft_out` start from.
     """
-    import gin
+    from itjax import runs
 
-    from itjax import config as config_lib
-    from itjax.checkpoints import Checkpointer, restore_peft_base
-    from itjax.partitioning import Partitioner
-    from itjax.trainer import Trainer
-    import itjax.training  # noqa: F401  (registers the gin configurables config.gin refers to)
-
-    config_file = os.path.join(model_dir, "config.gin")
-    if not os.path.exists(config_file):
-        raise FileNotFoundError(f"{config_file} does not exist: pass the MODEL_DIR of an itjax LoRA training run.")
-    gin.clear_config()
-    config_lib.parse_gin([config_file], [])
-    lora = gin.query_parameter("train.peft").scoped_configurable_fn() if _bound("train.peft") else None
-    if not isinstance(lora, LoRA):
-        raise PeftConfigError(f"{config_file}: the run is not a LoRA run (train.peft = {lora!r}); only LoRA adapters "
+    loaded = runs.load(model_dir, step)
+    if loaded.kind != runs.RUN or not isinstance(loaded.peft, LoRA):
+        raise PeftConfigError(f"{model_dir} is not a LoRA run (train.peft = {loaded.peft!r}); only LoRA adapters "
                               "merge into the base weights or export to peft.")
-    model = gin.query_parameter("train.model").scoped_configurable_fn()
-    optimizer = gin.query_parameter("train.optimizer").scoped_configurable_fn()
-    gin.clear_config()
-    trainer = Trainer(model, optimizer, Partitioner(), peft=lora)
-    checkpointer = Checkpointer(model_dir, period=0, use_async=False)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}.")
-        restore_peft_base(trainer, None, checkpointer.saved_base_pointer(step))
-        state, _ = checkpointer.restore(step, trainer.abstract_state)
-    finally:
-        checkpointer.close()
-    return jax.device_get(trainer.base_params), jax.device_get(state["params"]), lora, model
-
-
-def _bound(name: str) -> bool:
-    import gin
-    try:
-        gin.query_parameter(name)
-        return True
-    except ValueError:
-        return False
+    return jax.device_get(loaded.base_params), jax.device_get(loaded.params), loaded.peft, loaded.model

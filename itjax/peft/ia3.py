@@ -22,7 +22,6 @@ from flax import nnx
 from itjax.models.layers import Dense
 from itjax.peft import core
 from itjax.peft.core import AdapterParam, PeftConfigError
-from itjax.peft.lora import model_family
 
 DEFAULTS = {"t5": (("k", "v", "wo"), ("wo",)), "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",))}
 
@@ -35,7 +34,7 @@ class IA3Dense(Dense):
         dims = core.in_shape(base) if scale_input else core.out_shape(base)
         axes = core.in_axes(base) if scale_input else core.out_axes(base)
         self.ia3_scale = AdapterParam(jnp.ones(core.stack_shape(base) + dims, jnp.float32),
-                                      out_sharding=core.stack_axes(base) + axes)
+                                      out_sharding=core.stack_axes(base) + axes, eager_sharding=False)
         self.scale_input = scale_input
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -67,7 +66,7 @@ class IA3(core.PeftMethod):
 
     def apply(self, module: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
         del rngs  # ones: nothing random
-        targets_default, feedforward_default = DEFAULTS[model_family(module)]
+        targets_default, feedforward_default = DEFAULTS[core.model_family(module)]
         targets = self.target_modules or targets_default
         feedforward = self.feedforward_modules if self.feedforward_modules is not None else feedforward_default
         unknown = [name for name in feedforward if name not in targets]

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itjax.models import scan
+from itjax import param_paths
 from itjax.models.layers import Dense, dropout
 from itjax.peft import core
 from itjax.peft.core import AdapterParam, PeftConfigError
+from itjax.peft.core import model_family  # noqa: F401  (its former home; now in core, for every method)
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING): the query and value projections.
 DEFAULT_TARGETS = {"t5": ("q", "v"), "llama": ("q_proj", "v_proj")}
@@ -45,9 +46,10 @@ class LoRADense(Dense):
         init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
         a = core.stacked_init(init, rngs.params(), stack, (fan_in, rank)).reshape(stack + in_shape + (rank,))
         lead = core.stack_axes(base)
-        self.lora_a = AdapterParam(a, out_sharding=lead + core.in_axes(base) + (None,))
+        self.lora_a = AdapterParam(a, out_sharding=lead + core.in_axes(base) + (None,),
+                                   eager_sharding=False)
         self.lora_b = AdapterParam(jnp.zeros(stack + (rank,) + out_shape, jnp.float32),
-                                   out_sharding=lead + (None,) + core.out_axes(base))
+                                   out_sharding=lead + (None,) + core.out_axes(base), eager_sharding=False)
         self.scaling = alpha / rank
         self.dropout_rate = dropout_rate
         self.layer_id = layer_id
@@ -61,11 +63,6 @@ class LoRADense(Dense):
         low = jax.lax.dot_general(h, a, ((tuple(range(h.ndim - n, h.ndim)), tuple(range(n))), ((), ())))
         delta = jnp.tensordot(low, self.lora_b[...].astype(self.dtype), axes=1)
         return y + (delta * self.scaling).astype(y.dtype)
-
-
-def model_family(module: nnx.Module) -> str:
-    """'llama' for the decoder-only family (q_proj-style names), 't5' otherwise."""
-    return "llama" if any(p[-1] == "q_proj" for p in core.dense_layers(module)) else "t5"
 
 
 @gin.configurable(module="itjax.peft")
@@ -101,7 +98,7 @@ class LoRA(core.PeftMethod):
         return self.alpha / self.rank
 
     def targets_for(self, module: nnx.Module) -> tuple[str, ...]:
-        return self.target_modules or DEFAULT_TARGETS[model_family(module)]
+        return self.target_modules or DEFAULT_TARGETS[core.model_family(module)]
 
     def apply(self, module: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
         targets = core.find_targets(module, self.targets_for(module), "LoRA.target_modules")
@@ -142,9 +139,9 @@ def merge_lora(base: Any, adapter: Any, *, alpha: float) -> Any:
     alpha: `LoRA.alpha` of the run (r is read from the adapter's shapes). Returns a new dict of numpy arrays, in the
     base's layer layout (per layer, or stacked for `scan_layers` models).
     """
-    stacked = scan.is_stacked(base)
-    merged = scan.unstack_layers(jax.tree.map(np.asarray, jax.device_get(base)))
-    for path, (a, b) in lora_layers(scan.unstack_layers(jax.device_get(adapter))).items():
+    stacked = param_paths.is_stacked(base)
+    merged = param_paths.unstack_layers(jax.tree.map(np.asarray, jax.device_get(base)))
+    for path, (a, b) in lora_layers(param_paths.unstack_layers(jax.device_get(adapter))).items():
         node = core.submodule_dict(merged, path)
         kernel = node["kernel"]
         delta = lora_delta(a, b, alpha / np.shape(a)[-1])
@@ -152,4 +149,4 @@ def merge_lora(base: Any, adapter: Any, *, alpha: float) -> Any:
             raise PeftConfigError(f"merge_lora: adapter for {core.path_name(path)} has shape {delta.shape}, the "
                                   f"base kernel {kernel.shape}: the adapter belongs to another model.")
         node["kernel"] = (kernel.astype(np.float32) + delta).astype(kernel.dtype)
-    return scan.stack_layers(merged, stack=np.stack) if stacked else merged
+    return param_paths.stack_layers(merged, stack=np.stack) if stacked else merged

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from itjax.models import scan
+from itjax import param_paths
 from itjax.models.llama import LlamaAttention
 from itjax.models.t5 import Attention
 from itjax.peft import core
@@ -32,12 +32,15 @@ class PrefixMLP(nnx.Module):
     def __init__(self, length: int, embed: int, hidden: int, shape: tuple[int, int, int], rngs: nnx.Rngs):
         layers, heads, kv = shape
         init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.embedding = AdapterParam(jax.random.normal(rngs.params(), (length, embed)), out_sharding=(None, "embed"))
-        self.w1 = AdapterParam(init(rngs.params(), (embed, hidden)), out_sharding=("embed", "mlp"))
-        self.b1 = AdapterParam(jnp.zeros((hidden,)), out_sharding=("mlp",))
+        self.embedding = AdapterParam(jax.random.normal(rngs.params(), (length, embed)), out_sharding=(None, "embed"),
+                                      eager_sharding=False)
+        self.w1 = AdapterParam(init(rngs.params(), (embed, hidden)), out_sharding=("embed", "mlp"),
+                               eager_sharding=False)
+        self.b1 = AdapterParam(jnp.zeros((hidden,)), out_sharding=("mlp",), eager_sharding=False)
         w2 = init(rngs.params(), (hidden, layers * 2 * heads * kv)).reshape(hidden, layers, 2, heads, kv)
-        self.w2 = AdapterParam(w2, out_sharding=("mlp", None, None, "heads", "kv"))
-        self.b2 = AdapterParam(jnp.zeros((layers, 2, heads, kv)), out_sharding=(None, None, "heads", "kv"))
+        self.w2 = AdapterParam(w2, out_sharding=("mlp", None, None, "heads", "kv"), eager_sharding=False)
+        self.b2 = AdapterParam(jnp.zeros((layers, 2, heads, kv)), out_sharding=(None, None, "heads", "kv"),
+                                eager_sharding=False)
 
     def __call__(self) -> jax.Array:
         h = jnp.tanh(self.embedding[...] @ self.w1[...] + self.b1[...])
@@ -52,10 +55,11 @@ class Prefix(nnx.Module):
         self.length = length
         if mlp is None:
             shape = stack + (length, heads, head_dim)  # stack: (num_layers,) for a `scan_layers` stack
-            axes = (scan.LAYER_AXIS,) * len(stack) + (None, "heads", "kv")
-            self.prefix_keys = AdapterParam(init_scale * jax.random.normal(rngs.params(), shape), out_sharding=axes)
+            axes = (param_paths.LAYER_AXIS,) * len(stack) + (None, "heads", "kv")
+            self.prefix_keys = AdapterParam(init_scale * jax.random.normal(rngs.params(), shape), out_sharding=axes,
+                                            eager_sharding=False)
             self.prefix_values = AdapterParam(init_scale * jax.random.normal(rngs.params(), shape),
-                                              out_sharding=axes)
+                                              out_sharding=axes, eager_sharding=False)
         self.mlp = mlp
         self.layer = layer
 

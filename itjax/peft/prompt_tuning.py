@@ -26,7 +26,6 @@ from flax import nnx
 
 from itjax.peft import core
 from itjax.peft.core import AdapterParam, PeftConfigError
-from itjax.peft.lora import model_family
 
 INITS = ("uniform", "vocab", "class_labels")
 POSITIONS = ("start", "after_bos")
@@ -36,7 +35,7 @@ class Prompt(nnx.Module):
     """The trainable prompt and the sequence bookkeeping the model hooks call (see T5 / Llama `input_prompt`)."""
 
     def __init__(self, values: jax.Array, offset: int):
-        self.embedding = AdapterParam(values, out_sharding=(None, "embed"))
+        self.embedding = AdapterParam(values, out_sharding=(None, "embed"), eager_sharding=False)
         self.length = int(values.shape[0])
         self.offset = offset
 
@@ -83,7 +82,7 @@ class Prompt(nnx.Module):
 
 
 def _embedding_table(module: nnx.Module) -> jax.Array:
-    table = module.embed_tokens if model_family(module) == "llama" else module.shared
+    table = module.embed_tokens if core.model_family(module) == "llama" else module.shared
     return table.embedding[...]
 
 
@@ -179,7 +178,7 @@ class PromptTuning(core.PeftMethod):
         return jnp.stack(vectors)
 
     def apply(self, module: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
-        family = model_family(module)
+        family = core.model_family(module)
         if family == "t5" and self.position != "start":
             raise PeftConfigError(f"PromptTuning.position={self.position!r}: T5's prompt is the encoder input prefix; "
                                   "use 'start'.")
