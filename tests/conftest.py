@@ -32,3 +32,21 @@ def _clear_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+# Test tiers. `python -m pytest -m "not slow"` is the fast tier for iteration (unit tests, single-function parity
+# checks); the full suite (what CI runs) adds the modules below, whose tests train, export, convert, run notebooks
+# or start processes, and the tests marked `@pytest.mark.slow` where they are defined. Chosen from
+# `pytest --durations` (a module is slow when most of its tests take more than a few seconds each).
+SLOW_MODULES = {
+    "test_convert_llama", "test_convert_t5", "test_data_resume", "test_decoder_only", "test_decoding_search",
+    "test_export_run", "test_infer_decoder", "test_layouts", "test_llama_parity", "test_multiprocess",
+    "test_multiprocess_resilience", "test_notebooks", "test_peft", "test_peft_export", "test_peft_notebook",
+    "test_remat", "test_resilience", "test_runs", "test_scan_layers", "test_train_e2e",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
