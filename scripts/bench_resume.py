@@ -3,7 +3,7 @@ r"""Time to the first step of a resumed run, at a small and a large resume step:
     python scripts/bench_resume.py [--steps 10,5000] [--batch_size 256] [--out_dir /tmp/bench_resume]
 
 For each step N it prepares MODEL_DIR/N with a checkpoint at step N of the quickstart model on the `quickstart`
-mixture (14 built-in tasks, packed, batch 256): 10 real training steps, then the train state is re-saved as step N
+mixture (14 built-in tasks, quickstart.gin's settings, batch 256): 10 real training steps, then the train state is re-saved as step N
 with an input iterator advanced by N batches (data only, untimed; at N=5000 that is 1.28M examples, minutes).
 Then it times `python -m itjax.train ... --gin.TRAIN_STEPS=N+1` from process start until metrics.jsonl holds the
 line of step N+1 (`--rounds` times per N, alternating), and prints the best time per N and the difference.
@@ -46,9 +46,10 @@ def _prepare(model_dir: str, step: int, batch_size: int) -> None:
     with ocp.StandardCheckpointer() as reader:
         state = reader.restore(os.path.join(warm, "checkpoints", "10", "state"))
     state["step"] = jax.numpy.int32(step)
-    # EncoderDecoderModel's feature converter, packed, and train.random_seed=0: the stream the run would read.
+    # EncoderDecoderModel's feature converter, quickstart.gin's train.pack = False and train.random_seed = 0: the
+    # stream the run would read (a mismatch would be refused at resume, naming the setting).
     batches = pipeline.TrainBatches(pipeline.train_dataset("quickstart", lengths, batch_size,
-                                                           seqio.EncDecFeatureConverter(pack=True), seed=0))
+                                                           seqio.EncDecFeatureConverter(pack=False), seed=0))
     start = time.time()
     for _ in range(step):
         next(batches)
@@ -56,7 +57,7 @@ def _prepare(model_dir: str, step: int, batch_size: int) -> None:
           flush=True)
     target = Checkpointer(os.path.join(model_dir, "run"), period=0, use_async=False)
     position = {"batches_consumed": step, "process_count": 1, "mixture_or_task_name": "quickstart",
-                "task_feature_lengths": dict(lengths), "pack": True, "batch_size": batch_size}
+                "task_feature_lengths": dict(lengths), "pack": False, "batch_size": batch_size}
     target.save(step, state, position, batches)
     target.close()
 
