@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,10 +64,10 @@ def _prepare(model_dir: str, step: int, batch_size: int) -> None:
 
 
 def _time_to_first_step(model_dir: str, step: int, batch_size: int) -> float:
-    run = os.path.join(model_dir, "run")
+    run = os.path.join(model_dir, "timed")  # a fresh copy of the prepared run each time (a resume writes to it)
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(os.path.join(model_dir, "run"), run)
     metrics = os.path.join(run, "metrics.jsonl")
-    if os.path.exists(metrics):
-        os.remove(metrics)
     start = time.time()
     process = subprocess.Popen([sys.executable, "-m", "itjax.train", f"--gin.MODEL_DIR={run}",
                                 f"--gin.TRAIN_STEPS={step + 1}", f"--gin.BATCH_SIZE={batch_size}", *FLAGS],
