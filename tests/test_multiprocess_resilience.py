@@ -11,8 +11,8 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from saved_state import saved_state
 
 STEPS = 30
 FLAGS = ["--gin_file=quickstart.gin", f"--gin.TRAIN_STEPS={STEPS}",
@@ -50,19 +50,7 @@ def _train_lines(model_dir):
         return sum('"split": "train"' in line for line in f)
 
 
-def _state(model_dir, step):
-    """The saved train state of `step` as numpy arrays (a flat {path: array}), read onto one device (the saving
-    run may have had other devices)."""
-    import jax
-    path = os.path.join(model_dir, "checkpoints", str(step), "state")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path)
-        metadata = getattr(metadata, "item_metadata", metadata)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata,
-                              is_leaf=lambda m: hasattr(m, "shape"))
-        tree = checkpointer.restore(path, target)
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+_state = saved_state
 
 
 @pytest.mark.slow
