@@ -5,7 +5,7 @@
 
 Input: a JSONL file, one object per example with `task` (or `task_name`, or Tk-Instruct's `Task`), `prediction`
 (or `Prediction`), `references` (or Tk-Instruct's `Instance.output`) and optionally `category`; or a directory of
-itjax `<task>-<step>.jsonl` files (written by itjax.evaluation.PredictionsLogger; the task comes from the file
+itjax `<task>-<step>.jsonl` files (written by itjax.evaluation.write_predictions; the task comes from the file
 name, the latest step unless --step). Missing categories are read from `<superni_dir>/tasks/<task>.json`
 ("Categories"[0]) when --superni_dir is given.
 

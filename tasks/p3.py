@@ -41,7 +41,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from itjax.data import promptsource
+from itjax.data import promptsource, sharding
 from itjax.metrics import superni_metrics
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def rank_classification(ds: tf.data.Dataset) -> tf.data.Dataset:
             "weight": tf.ones([n], tf.float32),
         })
 
-    return ds.enumerate().flat_map(expand)
+    return sharding.enumerate_records(ds).flat_map(expand)  # record ids of the whole split, on any host shard
 
 
 def rank_classification_postprocess(output: Any, example: Optional[Mapping[str, Any]] = None,

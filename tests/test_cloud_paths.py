@@ -14,7 +14,7 @@ from etils.epath import testing as epath_testing
 from itjax import config as config_lib
 from itjax import training
 from itjax.checkpoints import absolute
-from itjax.evaluation import MetricsWriter, PredictionsLogger
+from itjax.evaluation import MetricsWriter, write_predictions
 
 FUNCTIONS = ["open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rename", "replace", "glob",
              "walk", "stat", "rmtree"]
@@ -60,7 +60,8 @@ def test_run_files_are_written_to_the_bucket(fake_bucket):
     # A rerun reads the finished evaluation back from the bucket.
     assert training._logged_results(model_dir, 20, "validation") == {"t": {"rougeL": 70.0}}
 
-    logger = PredictionsLogger(output_dir=os.path.join(model_dir, "predictions"))
-    logger("t", 20, {}, None, None, None)  # no dataset: nothing to write
-    assert not (fake_bucket / "runs" / "r1" / "predictions").exists()
+    write_predictions(os.path.join(model_dir, "predictions"), "t", 20,
+                      {"input": ["q"], "target": [["a"]], "prediction": ["b"], "score": None})
+    line = json.loads((fake_bucket / "runs" / "r1" / "predictions" / "t-20.jsonl").read_text())
+    assert line == {"input": "q", "prediction": "b", "references": ["a"]}
     assert epath.Path(model_dir, "metrics.jsonl").exists()

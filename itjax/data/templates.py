@@ -50,6 +50,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import tensorflow as tf
 
+from itjax.data import sharding
+
 OPTIONS_PLACEHOLDER = "options_"  # the derived field FLAN renders from the `options` list
 TEMPLATE_IDX_KEY = "_template_idx"
 EXEMPLAR_INPUTS_KEY = "_exemplar_inputs"  # [num_templates] strings: one record as an exemplar, per template
@@ -245,7 +247,8 @@ def _with_template_index(ds: tf.data.Dataset, num_templates: int) -> tf.data.Dat
         ex[TEMPLATE_IDX_KEY] = tf.cast(i % num_templates, tf.int32)
         return ex
 
-    return ds.enumerate().map(add, num_parallel_calls=tf.data.AUTOTUNE)
+    # Positions in the whole split, also on one host's shard of an evaluation (itjax.data.sharding).
+    return sharding.enumerate_records(ds).map(add, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def apply_templates(ds: tf.data.Dataset, templates: Sequence[Template], *, task_name: str,
