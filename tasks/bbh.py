@@ -56,7 +56,7 @@ COT_CUE = "Let's think step by step."
 MIN_COT_DECODE_LENGTH = 256  # the paper's generation budget for chain-of-thought answers
 _HEADER_RULE = "-----\n"  # the line after the canary string in the official prompt files
 _QUESTION = re.compile(r"(?:^|\n\n)Q: ")
-_COT_TASKS: set[str] = set()  # every chain-of-thought task registered in this process (check_decode_length)
+_TASK_STYLES: dict[str, str] = {}  # every BBH task registered in this process -> 'cot' / 'direct'
 
 
 class BBHDataError(ValueError):
@@ -266,7 +266,7 @@ def register_bbh(data_dir: str, *, tasks: Optional[Sequence[str]] = None, styles
                      postprocess_fn=functools.partial(postprocess, chain_of_thought=style == "cot",
                                                       stop_strings=tuple(stop_strings)),
                      metric_fns=[strict_exact_match])
-            (_COT_TASKS.add if style == "cot" else _COT_TASKS.discard)(name)
+            _TASK_STYLES[name] = style
             registered[style].append(name)
     mixtures = {}
     for style in styles:
@@ -290,7 +290,7 @@ def check_decode_length(mixture_or_task_name: str, max_decode_length: int) -> No
     number of tokens generation may produce) is below MIN_COT_DECODE_LENGTH; the reasoning would be cut before
     its answer."""
     subtasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
-    cot = [t.name for t in subtasks if t.name in _COT_TASKS]
+    cot = [t.name for t in subtasks if _TASK_STYLES.get(t.name) == "cot"]
     if cot and max_decode_length < MIN_COT_DECODE_LENGTH:
         raise ValueError(
             f"{mixture_or_task_name!r} has {len(cot)} BBH chain-of-thought task(s) (e.g. {cot[0]!r}) but the decode "
@@ -301,8 +301,7 @@ def check_decode_length(mixture_or_task_name: str, max_decode_length: int) -> No
 def bbh_average(per_task: Mapping[str, Mapping[str, float]], key: str = "exact_match") -> dict[str, float]:
     """{task: score} for the BBH tasks among `per_task` (an evaluation's {task: metrics}), plus 'average': their
     unweighted mean (the paper's BBH number). Other entries (e.g. 'all') are ignored."""
-    scores = {task: record[key] for task, record in per_task.items()
-              if task != "all" and key in record and (task in _COT_TASKS or task.endswith("_direct"))}
+    scores = {task: record[key] for task, record in per_task.items() if task in _TASK_STYLES and key in record}
     if not scores:
         raise ValueError(f"No BBH task with a {key!r} score among {sorted(per_task)}.")
     return {**scores, "average": macro_average({t: {key: v} for t, v in scores.items()}, key)}

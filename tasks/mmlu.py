@@ -20,7 +20,7 @@ are the exemplars; when the tokenized prompt does not fit TASK_FEATURE_LENGTHS['
 from the end until it does (as the official evaluation does); a question that does not fit even with no exemplar
 stops the evaluation, naming the task and the length it needs.
 
-Scoring: rank classification (tasks/p3.py): each question becomes four examples whose targets are the letters
+Scoring: rank classification (as tasks/p3.py): each question becomes four examples whose targets are the letters
 "A" .. "D" (`answer_prefix` + letter, no EOS); the evaluator scores each letter's log-likelihood (score_fn,
 itjax.evaluation) and the highest-scoring letter is the answer. Metrics per subject: `rank_accuracy` (0-100;
 `accuracy` is the teacher-forced token accuracy in itjax's evaluation) and `num_questions`. `mmlu_summary` turns
@@ -165,7 +165,7 @@ def build_prompt(ds: tf.data.Dataset, sequence_length: Optional[Mapping[str, int
     """header + the first k exemplars + question, for the largest k (<= the number of shots) whose tokenized prompt
     (+ EOS if the inputs feature adds one) fits `sequence_length['inputs']` (all shots without a length; none
     when even k = 0 does not fit: tasks/prompt_length.py then names the length needed). Adds `answer_choices`
-    (the four letters with `answer_prefix`) for p3.rank_classification; `targets` gets the same prefix."""
+    (the four letters with `answer_prefix`) for expand_choices; `targets` (the answer) gets the same prefix."""
     limit = (sequence_length or {}).get("inputs")
     feature = (output_features or {}).get("inputs")
 
@@ -176,12 +176,40 @@ def build_prompt(ds: tf.data.Dataset, sequence_length: Optional[Mapping[str, int
         if limit is None or feature is None:
             keep = num
         else:
-            lengths = tf.cast(feature.vocabulary.encode_tf(prompts).row_lengths(), tf.int32) + int(feature.add_eos)
-            keep = tf.maximum(tf.reduce_max(tf.where(lengths <= limit, tf.range(num + 1), -1)), 0)
+            def length(texts):
+                return tf.cast(feature.vocabulary.encode_tf(texts).row_lengths(), tf.int32) + int(feature.add_eos)
+
+            def fewer_shots():  # tokenizes every candidate only when the full prompt does not fit
+                return tf.maximum(tf.reduce_max(tf.where(length(prompts) <= limit, tf.range(num + 1), -1)), 0)
+
+            keep = tf.cond(length(prompts[-1:])[0] <= limit, lambda: tf.constant(num), fewer_shots)
         return {"inputs": tf.gather(prompts, keep), "targets": answer_prefix + ex["targets"],
                 "answer_choices": tf.constant([answer_prefix + letter for letter in LETTERS])}
 
     return ds.map(build, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def expand_choices(ds: tf.data.Dataset, output_features: Mapping[str, seqio.Feature], *,
+                   choices: Sequence[str] = LETTERS) -> tf.data.Dataset:
+    """Tokenized questions -> one row per answer choice (p3.rank_classification's rows, built after tokenizing, so
+    each prompt is tokenized once, not once per choice): idx [2] (question, choice), inputs (+ _pretokenized),
+    targets (the choice's tokens + _pretokenized), is_correct, weight. `choices`: the same for every question."""
+    ids = [output_features["targets"].vocabulary.encode(choice) for choice in choices]
+    n = len(choices)
+
+    def rows(index, ex):  # [n, ...] tensors, one row per choice
+        return {"idx": tf.stack([tf.fill([n], tf.cast(index, tf.int32)), tf.range(n, dtype=tf.int32)], axis=1),
+                "inputs": tf.tile(ex["inputs"][None], [n, 1]),
+                "inputs_pretokenized": tf.fill([n], ex["inputs_pretokenized"]),
+                "targets_pretokenized": tf.constant(list(choices)),
+                "is_correct": tf.equal(tf.constant(list(choices)), ex["targets_pretokenized"]),
+                "weight": tf.ones([n], tf.float32)}
+
+    if len({len(i) for i in ids}) == 1:  # the usual case: every letter is the same number of tokens
+        return ds.enumerate().map(lambda i, ex: {**rows(i, ex), "targets": tf.constant(ids, tf.int32)}).unbatch()
+    ragged = tf.ragged.constant(ids, dtype=tf.int32)
+    return ds.enumerate().flat_map(lambda i, ex: tf.data.Dataset.range(n).map(
+        lambda c: {**{k: v[c] for k, v in rows(i, ex).items()}, "targets": ragged[c]}))
 
 
 def rank_metric(targets: Sequence[tuple], scores: Sequence[float]) -> dict[str, float]:
@@ -253,8 +281,9 @@ def register_mmlu(data_dir: str, *, subjects: Optional[Sequence[str]] = None, nu
         name = f"{prefix}_{subject}"
         source = seqio.FunctionDataSource(functools.partial(_dataset_fn, columns=columns, name=name), splits=(SPLIT,))
         _replace(seqio.TaskRegistry, name, source=source, output_features=features,
-                 preprocessors=[functools.partial(build_prompt, answer_prefix=answer_prefix), p3.rank_classification,
+                 preprocessors=[functools.partial(build_prompt, answer_prefix=answer_prefix),
                                 seqio.preprocessors.tokenize, length_check(name),
+                                functools.partial(expand_choices, choices=[answer_prefix + x for x in LETTERS]),
                                 seqio.preprocessors.append_eos_after_trim],
                  postprocess_fn=p3.rank_classification_postprocess, metric_fns=[rank_metric])
         tasks.append(name)

@@ -199,3 +199,17 @@ def test_a_tiny_t5_scores_questions_through_itjax_evaluation(tmp_path):
     assert evaluate(other)[name]["rank_accuracy"] == pytest.approx(0.0)
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {line["task"] for line in lines} == {name, "all"} and lines[0]["num_examples"] == 12
+
+
+def test_expand_choices_with_choices_of_different_token_lengths():
+    import tensorflow as tf
+    features = {"inputs": seqio.Feature(VOCAB), "targets": seqio.Feature(VOCAB, add_eos=False)}
+    ds = tf.data.Dataset.from_tensor_slices({"inputs": [[5, 6, 7], [8, 9, 10]], "inputs_pretokenized": ["p", "q"],
+                                             "targets": [[1], [2]], "targets_pretokenized": ["A", "a b"]})
+    choices = ["A", "a b"]
+    assert len(VOCAB.encode("A")) != len(VOCAB.encode("a b"))
+    rows = list(mmlu.expand_choices(ds, features, choices=choices).as_numpy_iterator())
+    assert [r["idx"].tolist() for r in rows] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert [r["targets"].tolist() for r in rows] == [VOCAB.encode(c) for c in choices] * 2
+    assert [r["inputs"].tolist() for r in rows] == [[5, 6, 7]] * 2 + [[8, 9, 10]] * 2
+    assert [bool(r["is_correct"]) for r in rows] == [True, False, False, True]
