@@ -298,10 +298,13 @@ def check_decode_length(mixture_or_task_name: str, max_decode_length: int) -> No
             f"(set train.max_decode_length, or the evaluation's max_decode_length, to {MIN_COT_DECODE_LENGTH}).")
 
 
-def bbh_average(per_task: Mapping[str, Mapping[str, float]], key: str = "exact_match") -> dict[str, float]:
-    """{task: score} for the BBH tasks among `per_task` (an evaluation's {task: metrics}), plus 'average': their
-    unweighted mean (the paper's BBH number). Other entries (e.g. 'all') are ignored."""
-    scores = {task: record[key] for task, record in per_task.items() if task in _TASK_STYLES and key in record}
+def bbh_average(per_task: Mapping[str, Mapping[str, float]], key: str = "exact_match",
+                prefix: str = "bbh") -> dict[str, float]:
+    """{task: score} for the BBH tasks (`<prefix>_<task>_cot` / `_direct`) among `per_task` (an evaluation's
+    {task: metrics}, or lines read back from metrics.jsonl), plus 'average': their unweighted mean (the paper's BBH
+    number). Other entries (e.g. 'all') are ignored. Average CoT and answer-only results separately."""
+    pattern = re.compile(rf"{re.escape(prefix)}_\w+_(cot|direct)")
+    scores = {task: record[key] for task, record in per_task.items() if pattern.fullmatch(task) and key in record}
     if not scores:
         raise ValueError(f"No BBH task with a {key!r} score among {sorted(per_task)}.")
     return {**scores, "average": macro_average({t: {key: v} for t, v in scores.items()}, key)}

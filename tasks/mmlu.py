@@ -81,7 +81,6 @@ CATEGORIES = {
     "social sciences": ("politics", "culture", "economics", "geography", "psychology"),
     "other": ("other", "business", "health"),  # categories.py: "other (business, health, misc.)"
 }
-_TASK_SUBJECTS: dict[str, str] = {}  # registered task name -> subject (mmlu_summary)
 
 
 class MMLUDataError(ValueError):
@@ -288,7 +287,6 @@ def register_mmlu(data_dir: str, *, subjects: Optional[Sequence[str]] = None, nu
                  postprocess_fn=p3.rank_classification_postprocess, metric_fns=[rank_metric])
         tasks.append(name)
         task_subjects[name] = subject
-        _TASK_SUBJECTS[name] = subject
         if category(subject) is None:
             logger.warning("MMLU subject %r is not in the official category list; it is only in mixture %r.",
                            subject, prefix)
@@ -318,9 +316,10 @@ def mmlu_mixture(category_name: Optional[str] = None) -> str:
     return reg.category_mixtures[category_name]
 
 
-def mmlu_summary(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    """Accuracy per subject, per category and over all questions, from an evaluation's {task: metrics} (each MMLU
-    task's `rank_accuracy` and `num_questions`; other tasks and 'all' are ignored).
+def mmlu_summary(per_task: Mapping[str, Mapping[str, float]], prefix: str = "mmlu") -> dict[str, Any]:
+    """Accuracy per subject, per category and over all questions, from an evaluation's {task: metrics} (the
+    `<prefix>_<subject>` tasks' `rank_accuracy` and `num_questions`; other tasks and 'all' are ignored). Works on
+    results read back from metrics.jsonl too: subjects come from the task names, nothing needs to be registered.
 
     Returns {'subjects': {subject: accuracy}, 'categories': {category: accuracy}, 'average': accuracy,
     'num_questions': int}; category and overall numbers are micro averages (every question counts once), as the
@@ -329,9 +328,9 @@ def mmlu_summary(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     correct: dict[str, float] = {}
     counts: dict[str, float] = {}
     for task, record in per_task.items():
-        subject = _TASK_SUBJECTS.get(task)
-        if subject is None or "rank_accuracy" not in record:
+        if not task.startswith(prefix + "_") or "rank_accuracy" not in record or "num_questions" not in record:
             continue
+        subject = task[len(prefix) + 1:]
         counts[subject] = record["num_questions"]
         correct[subject] = record["rank_accuracy"] / 100.0 * record["num_questions"]
     if not counts:

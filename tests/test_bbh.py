@@ -112,13 +112,12 @@ def test_answer_extraction():
 def test_exact_match_and_task_average():
     assert metrics.strict_exact_match(["(A)", "False", "(B)", "8"], ["(A)", "false", "B", "8"]) == \
         {"exact_match": 50.0}
-    bbh.register_bbh(BBH_DIR, tasks=["navigate", "snarks"], styles=("direct",), vocabulary=VOCAB, prefix="bbhavg")
     results = {"bbhavg_navigate_direct": {"exact_match": 50.0, "num_examples": 250},
                "bbhavg_snarks_direct": {"exact_match": 80.0, "num_examples": 178},
                "quickstart_copy_words": {"exact_match": 10.0, "num_examples": 100},
                "all": {"exact_match": 62.5, "num_examples": 428}}
-    assert bbh.bbh_average(results) == {"bbhavg_navigate_direct": 50.0, "bbhavg_snarks_direct": 80.0,
-                                        "average": 65.0}
+    assert bbh.bbh_average(results, prefix="bbhavg") == {"bbhavg_navigate_direct": 50.0,
+                                                         "bbhavg_snarks_direct": 80.0, "average": 65.0}
     with pytest.raises(ValueError, match="No BBH task"):
         bbh.bbh_average({"all": {"exact_match": 1.0}})
 
