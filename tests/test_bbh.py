@@ -215,3 +215,35 @@ def test_decode_length_check(registered):
     with pytest.raises(ValueError, match=r"'bbh_cot' has 4 BBH chain-of-thought task.*decode length is 128 "
                                          r"tokens.*at least 256"):
         bbh.check_decode_length("bbh_cot", 128)
+
+
+def test_check_script_against_official_output_files(tmp_path, capsys):
+    """scripts/check_bbh_prompts.py on a checkout whose official outputs file holds two navigate examples: one
+    prompt as itjax builds it and one not, one generation right and one wrong (published accuracy 50)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("check_bbh_prompts",
+                                                  os.path.join(REPO_ROOT, "scripts", "check_bbh_prompts.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = tmp_path / "BIG-Bench-Hard"
+    for folder in ("bbh", "cot-prompts"):
+        (root / folder).mkdir(parents=True)
+        shutil.copy(os.path.join(BBH_DIR, folder, "navigate" + (".json" if folder == "bbh" else ".txt")),
+                    root / folder)
+    prompt = bbh.read_prompt_file(str(root / "cot-prompts" / "navigate.txt"))
+    examples = bbh.read_examples(str(root / "bbh" / "navigate.json"))[:2]
+    (root / "bbh" / "navigate.json").write_text(json.dumps({"examples": examples}))
+    out = root / script.OUTPUTS / "code-davinci-002-cot"
+    out.mkdir(parents=True)
+    wrong = {"Yes": "No", "No": "Yes"}[examples[1]["target"]]
+    outputs = [{"input": prompt.cot_prompt(examples[0]["input"]), "target": examples[0]["target"],
+                "prediction": f"Reasons. So the answer is {examples[0]['target']}."},
+               {"input": "an older prompt", "target": examples[1]["target"], "prediction": f"So the answer is {wrong}."}]
+    (out / "navigate_few_shot_template_0-255000.json").write_text(json.dumps({"outputs": outputs}))
+    (out / "navigate_few_shot_template_0-255000_eval_metrics.jsonl").write_text('{"accuracy": 50.0}\n')
+    assert script.check(str(root)) == 0
+    printed = capsys.readouterr().out
+    assert "navigate" in printed and "prompts identical   1/  2   accuracy  50.00 (published  50.00)" in printed
+    assert "no official outputs file" in printed  # the direct style has none here
+    (out / "navigate_few_shot_template_0-255000_eval_metrics.jsonl").write_text('{"accuracy": 100.0}\n')
+    assert script.check(str(root)) == 1
