@@ -13,6 +13,7 @@ natural-instructions `eval/automatic/evaluation.py`:
   and rounded to 4 decimals.
 
 `superni_metrics(targets, predictions)` is the seqio metric function (targets: one reference list per example).
+BIG-Bench Hard scoring (`bbh_answer`, `strict_exact_match`, `macro_average`) is at the end of the module.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import functools
 import string
 from collections import defaultdict
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 from rouge_score import rouge_scorer
 
@@ -119,3 +120,51 @@ def compute_grouped_metrics(
 def superni_metrics(targets: Sequence[References], predictions: Sequence[str]) -> dict[str, float]:
     """seqio metric_fn: targets[i] is the list of acceptable outputs of example i, predictions[i] its output."""
     return compute_metrics(list(predictions), list(targets))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BIG-Bench Hard (Suzgun et al., 2022): answer extraction and strict exact match. The rules reproduce the
+# published accuracies of the official code-davinci-002 outputs (all 27 tasks, CoT and answer-only) exactly.
+
+BBH_STOP = "\n\nQ:"  # generation ends where the model starts the next question
+BBH_ANSWER_PHRASE = "So the answer is "
+
+
+def cut_at_stop(text: str, stops: Sequence[str] = (BBH_STOP,)) -> str:
+    """The text before the first occurrence of any of `stops` (all of it when none occurs)."""
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    return text
+
+
+def bbh_answer(generation: str, chain_of_thought: bool, stops: Sequence[str] = (BBH_STOP,)) -> str:
+    """The answer in a BBH generation, cut at the next question (`stops`, default "\\n\\nQ:").
+
+    Chain of thought: the text after the last "So the answer is ", stripped, without one final period; the whole
+    stripped generation when the phrase is missing. Answer-only: the stripped generation.
+    """
+    text = cut_at_stop(generation, stops)
+    if chain_of_thought:
+        start = text.rfind(BBH_ANSWER_PHRASE)
+        if start >= 0:
+            answer = text[start + len(BBH_ANSWER_PHRASE):].strip()
+            return answer[:-1] if answer.endswith(".") else answer
+    return text.strip()
+
+
+def strict_exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """seqio metric_fn: {'exact_match': 0-100}, the share of predictions equal to their target string (no
+    normalisation: BBH compares "(A)" with "(A)", "False" with "False")."""
+    if len(targets) != len(predictions):
+        raise ValueError(f"Got {len(predictions)} predictions but {len(targets)} targets.")
+    if not targets:
+        raise ValueError("No examples to score.")
+    return {"exact_match": 100.0 * sum(p == t for p, t in zip(predictions, targets)) / len(targets)}
+
+
+def macro_average(per_task: Mapping[str, Mapping[str, float]], key: str) -> float:
+    """The unweighted mean of `per_task[task][key]` over tasks (BBH's average over tasks)."""
+    values = [record[key] for record in per_task.values()]
+    if not values:
+        raise ValueError(f"No tasks to average {key!r} over.")
+    return sum(values) / len(values)

@@ -6,7 +6,8 @@ flan: FLAN-style template tasks and variants (`register_flan_templates`) and the
     (`register_flan2022_mixture`).
 p3: P3 / T0 tasks from promptsource templates, with rank-classification evals (`register_p3`).
 chat: Alpaca / Dolly and multi-turn (ShareGPT, messages) conversation tasks (`register_chat_task`).
+bbh, mmlu: the held-out benchmarks BIG-Bench Hard (`register_bbh`) and MMLU (`register_mmlu`) from local copies.
 Only quickstart registers on import; the others register what a user points them at.
 """
 
-from . import chat, flan, p3, quickstart, superni  # noqa: F401  (quickstart registers on import)
+from . import bbh, chat, flan, mmlu, p3, quickstart, superni  # noqa: F401  (quickstart registers on import)
