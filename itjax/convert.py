@@ -14,7 +14,8 @@ HF -> itjax dispatches on config.json's `model_type`; itjax -> HF on the config 
 The itjax folder (OUT/checkpoint, OUT/model.gin, tokenizer files) is described in `itjax.conversion.folders`;
 `itjax.training.train(initial_checkpoint_path=OUT)` starts a run from it with `--gin_file=OUT/model.gin`.
 T5X checkpoints: see `itjax.conversion.t5x` (architecture from --t5x_gin or the shapes; a gated MLP needs
---t5x_gin or --mlp_activation). Reading streams one safetensors / T5X tensor at a time (no torch); export writes shards of `--max_shard_size_mb`.
+--t5x_gin or --mlp_activation). Reading streams one safetensors / T5X tensor at a time (no torch); export writes
+shards of `--max_shard_size_mb`.
 Neither direction writes into a folder that already holds files.
 """
 

@@ -30,7 +30,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from itjax import convert, infer  # noqa: E402
-from itjax.conversion import folders  # noqa: E402
+from itjax.conversion import ConversionError, folders  # noqa: E402
 from itjax.conversion import t5 as t5_conversion  # noqa: E402
 from itjax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
 
@@ -434,3 +434,29 @@ def test_existing_output_folder_is_never_written_into(legacy_ckpt, tmp_path):
     (out / "notes.txt").write_text("mine")
     _refused(["--t5x_checkpoint", ckpt, "--out_dir", str(out), "--t5x_gin", gin_file], "already exists")
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------- config.gin
+def test_gin_reader_blocks_includes_and_macros(tmp_path):
+    """A hand-written model file (block syntax, an include, an unresolved macro on a field the conversion does not
+    use) reads like the operative config T5X writes."""
+    from itjax.conversion import t5x_gin
+
+    (tmp_path / "sizes.gin").write_text("network.T5Config.num_heads = 12\nnetwork.T5Config.emb_dim = 512\n")
+    (tmp_path / "model.gin").write_text(
+        "from __gin__ import dynamic_registration\nfrom t5x.examples.t5 import network\ninclude 'sizes.gin'\n"
+        "DROPOUT_RATE = %gin.REQUIRED\nMLP_ACTS = ('silu', 'linear')\n"
+        "network.Transformer.config = @network.T5Config()\n"
+        "network.T5Config:\n  vocab_size = 32128\n  emb_dim = 768\n  mlp_activations = %MLP_ACTS\n"
+        "  dropout_rate = %DROPOUT_RATE\n")
+    assert t5x_gin.read_t5_config_bindings(str(tmp_path / "model.gin")) == {
+        "num_heads": 12, "emb_dim": 768, "vocab_size": 32128, "mlp_activations": ("silu", "linear")}
+    (tmp_path / "bad.gin").write_text("network.T5Config.vocab_size = 10\nnetwork.T5Config.num_experts = 8\n")
+    with pytest.raises(ConversionError, match=r"bad.gin:2: network.T5Config.num_experts is not a field"):
+        t5x_gin.read_t5_config_bindings(str(tmp_path / "bad.gin"))
+    (tmp_path / "scoped.gin").write_text("encoder/network.T5Config.num_heads = 4\n")
+    with pytest.raises(ConversionError, match="scoped binding encoder/network.T5Config.num_heads"):
+        t5x_gin.read_t5_config_bindings(str(tmp_path / "scoped.gin"))
+    (tmp_path / "macro.gin").write_text("network.T5Config.emb_dim = %EMB\n")
+    with pytest.raises(ConversionError, match="the macro EMB is not bound"):
+        t5x_gin.read_t5_config_bindings(str(tmp_path / "macro.gin"))

@@ -25,6 +25,9 @@ from itjax.conversion import ConversionError
 T5X_FIELDS = ("vocab_size", "dtype", "emb_dim", "num_heads", "num_encoder_layers", "num_decoder_layers",
               "head_dim", "mlp_dim", "mlp_activations", "dropout_rate", "logits_via_embedding",
               "float32_attention_logits", "remat_policy", "scan_layers", "param_scan_axis")
+# Fields the conversion does not use (activation dtype, dropout, remat: set those in itjax's gin); a macro of theirs
+# that the file leaves unresolved (`DROPOUT_RATE = %gin.REQUIRED` in a model file) is not an error.
+UNUSED_FIELDS = ("dtype", "dropout_rate", "float32_attention_logits", "remat_policy")
 FLAG = "--t5x_gin"
 
 
@@ -101,7 +104,14 @@ def read_t5_config_bindings(path: str) -> dict[str, Any]:
     if not bindings:
         raise ConversionError(f"{FLAG} {path} binds no network.T5Config field; pass the operative config.gin of "
                               "the T5X run that wrote the checkpoint.")
-    return {name: _resolve(value, macros, where, name) for name, (value, where) in bindings.items()}
+    resolved = {}
+    for name, (value, where) in bindings.items():
+        try:
+            resolved[name] = _resolve(value, macros, where, name)
+        except ConversionError:
+            if name not in UNUSED_FIELDS:
+                raise
+    return resolved
 
 
 def _resolve(value: Any, macros: dict[str, Any], where: str, name: str, depth: int = 0) -> Any:
