@@ -398,12 +398,19 @@ def test_unknown_parameter_names_are_listed(tmp_path):
 
 
 def test_per_layer_relative_position_tables_are_refused(tmp_path):
+    """scalable_t5 / umT5 networks keep a table per layer (per layer, or stacked under encoder/encoder/...)."""
     params = t5x_params(("relu",), True)
     params["encoder/layers_1/relpos_bias/rel_embedding"] = params["encoder/relpos_bias/rel_embedding"]
     ckpt = str(tmp_path / "checkpoint_1")
     write_legacy(ckpt, params)
     _refused(["--t5x_checkpoint", ckpt, "--out_dir", str(tmp_path / "out")],
              "encoder/layers_1/relpos_bias/rel_embedding", "one table per stack")
+    stacked = scanned(t5x_params(("gelu", "linear"), False))
+    stacked["decoder/decoder/relpos_bias/rel_embedding"] = np.zeros((HEADS, DEC_LAYERS, BUCKETS), np.float32)
+    ckpt = write_orbax(str(tmp_path / "scalable"), stacked)
+    _refused(["--t5x_checkpoint", ckpt, "--out_dir", str(tmp_path / "out"), "--mlp_activation", "gated-gelu"],
+             "decoder/decoder/relpos_bias/rel_embedding", "scalable_t5")
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_missing_files_are_named_and_nothing_is_written(legacy_ckpt, tmp_path):
