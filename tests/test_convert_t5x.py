@@ -294,6 +294,8 @@ def converted(request, tmp_path_factory):
     params, ckpt, gin_file = _write_case(root, case)
     _, _, activations, tied, _, _ = CASES[case]
     out_dir = os.path.join(root, "itjax")
+    if case == "orbax_t5_1_0":
+        ckpt = os.path.join(ckpt, "state")  # the orbax folder itself is accepted too
     argv = ["--t5x_checkpoint", ckpt, "--out_dir", out_dir]
     if gin_file:
         argv += ["--t5x_gin", gin_file]

@@ -26,12 +26,14 @@ from itjax.conversion import ConversionError
 
 LEGACY_FILE = "checkpoint"
 ORBAX_DIR = "state"
+ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt")  # files of an orbax PyTree checkpoint folder
 TARGET = "target"
 _STEP_DIR = re.compile(r"checkpoint_(\d+)$")
 
 
 def open_checkpoint(path: str) -> "LegacyCheckpoint | OrbaxCheckpoint":
-    """The T5X checkpoint at `path`: a `checkpoint_<step>` folder (either format) or its msgpack `checkpoint` file.
+    """The T5X checkpoint at `path`: a `checkpoint_<step>` folder (either format), its msgpack `checkpoint` file or
+    its orbax `state` folder.
 
     Raises ConversionError naming the path when it is missing or is not a T5X checkpoint (a T5X model folder with
     several `checkpoint_<step>` folders gets the list of steps to choose from).
@@ -43,6 +45,8 @@ def open_checkpoint(path: str) -> "LegacyCheckpoint | OrbaxCheckpoint":
         return LegacyCheckpoint(path)
     if os.path.isdir(os.path.join(path, ORBAX_DIR)):
         return OrbaxCheckpoint(os.path.join(path, ORBAX_DIR))
+    if any(os.path.exists(os.path.join(path, name)) for name in ORBAX_MARKERS):  # the `state` folder itself
+        return OrbaxCheckpoint(path)
     if os.path.isfile(os.path.join(path, LEGACY_FILE)):
         return LegacyCheckpoint(os.path.join(path, LEGACY_FILE))
     steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(path)) if m)
