@@ -1,4 +1,5 @@
-"""HF <-> itjax checkpoint conversion: T5 / mT5 (encoder-decoder) and Llama / Mistral / Qwen2 (decoder-only).
+"""HF <-> itjax checkpoint conversion: T5 / mT5 (encoder-decoder) and Llama / Mistral / Qwen2 (decoder-only);
+T5X -> itjax for T5-family checkpoints.
 
 Usage:
 
