@@ -313,7 +313,7 @@ def test_log_likelihoods_match_hf_t5(converted):
     config, scores = itjax_scores(out_dir, b)
     expected = hf_scores(model, b)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=0)
-    _, is_scanned, activations, tied, _, _ = CASES[case]
+    _, _, activations, tied, _, _ = CASES[case]
     assert config.feed_forward == {"gelu": "gated-gelu", "silu": "gated-silu", "swish": "gated-silu",
                                    "relu": "relu"}[activations[0]]
     assert config.tie_word_embeddings == tied
