@@ -484,6 +484,34 @@ def test_existing_output_folder_is_never_written_into(legacy_ckpt, tmp_path):
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_legacy_reader_older_checkpoint_forms(tmp_path):
+    """Older T5X files: version 2 (bfloat16 stored as its uint16 bits), tensorstore < 0.1.14 specs (path at the top,
+    not in the kvstore), version 0 (no 'optimizer' level), 'gfile' drivers, and arrays inline in the msgpack."""
+    import ml_dtypes
+    import tensorstore as ts
+    from flax import serialization
+
+    from itjax.conversion import t5x_read
+
+    value = np.array([[1.5, -2.25, 3.0e-3], [7.0, 0.0, -1.0]], np.float32)
+    bits = value.astype(ml_dtypes.bfloat16).view(np.uint16)
+    for version, dtype, stored in ((0, "float32", value), (2, "uint16", bits), (3, "float32", value)):
+        folder = tmp_path / f"v{version}"
+        folder.mkdir()
+        spec = {"driver": "zarr", "dtype": dtype, "path": "target.a.kernel", "kvstore": {"driver": "gfile"},
+                "metadata": {"compressor": {"id": "gzip"}, "shape": list(value.shape), "chunks": [2, 3]}}
+        ts.open({**spec, "kvstore": {"driver": "file", "path": str(folder / "target.a.kernel")}, "path": ""},
+                create=True, open=True).result().write(stored).result()
+        tree = {"target": {"a": {"kernel": spec}, "b": {"scale": value[0]}}, "state": {"step": np.int32(1)}}
+        contents = {"version": version, "optimizer": tree} if version else tree
+        (folder / "checkpoint").write_bytes(serialization.msgpack_serialize(contents))
+        checkpoint = t5x_read.open_checkpoint(str(folder))
+        assert checkpoint.shapes == {"a/kernel": (2, 3), "b/scale": (3,)}
+        np.testing.assert_array_equal(checkpoint.read("a/kernel"), value.astype(ml_dtypes.bfloat16).astype(np.float32)
+                                      if version == 2 else value)
+        np.testing.assert_array_equal(checkpoint.read("b/scale"), value[0])
+
+
 # ------------------------------------------------------------------------------------------------- config.gin
 def test_gin_reader_blocks_includes_and_macros(tmp_path):
     """A hand-written model file (block syntax, an include, an unresolved macro on a field the conversion does not
