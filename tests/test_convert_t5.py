@@ -232,8 +232,8 @@ def test_tied_config_with_separate_lm_head_is_rejected(tied_hf_dir):
 
 
 def test_unsupported_feed_forward_is_rejected():
-    with pytest.raises(ConversionError, match="gated-silu"):
-        t5_conversion.t5_config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-silu"})
+    with pytest.raises(ConversionError, match="gated-relu"):
+        t5_conversion.t5_config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-relu"})
 
 
 def test_transformers_4_style_config():

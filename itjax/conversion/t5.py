@@ -165,7 +165,7 @@ def _attention_maps(hf_prefix: str, path: Path) -> list[TensorMap]:
 
 
 def _mlp_maps(hf_prefix: str, path: Path, feed_forward: str) -> list[TensorMap]:
-    names = ("wi_0", "wi_1", "wo") if feed_forward == "gated-gelu" else ("wi", "wo")
+    names = ("wi_0", "wi_1", "wo") if feed_forward.startswith("gated-") else ("wi", "wo")
     return [TensorMap(f"{hf_prefix}.DenseReluDense.{n}.weight", path + ("mlp", n, "kernel"), "linear")
             for n in names]
 

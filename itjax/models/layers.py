@@ -155,10 +155,19 @@ class Embed(nnx.Module):
         return jnp.einsum("...e,ve->...v", x.astype(jnp.float32), self.embedding[...])
 
 
+# Gated MLP activations: name -> the function applied to `x @ wi_0` (gelu with the tanh approximation, as T5X's
+# flax `nn.gelu` and HF's `gelu_new`).
+GATED_ACTIVATIONS = {
+    "gated-gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gated-silu": jax.nn.silu,
+}
+
+
 class MLP(nnx.Module):
     """Transformer feed-forward block, T5 style (no biases).
 
     - 'gated-gelu' (T5 v1.1): `(gelu_tanh(x @ wi_0) * (x @ wi_1)) @ wo`; parameters `wi_0`, `wi_1`, `wo`.
+    - 'gated-silu' (UL2; T5X `mlp_activations = ('silu', 'linear')`): `(silu(x @ wi_0) * (x @ wi_1)) @ wo`.
     - 'relu' (T5 1.0): `relu(x @ wi) @ wo`; parameters `wi`, `wo`.
     Kernels: wi* [embed, mlp] ('embed', 'mlp'), wo [mlp, embed] ('mlp', 'embed'); all initialised
     variance_scaling(1.0, 'fan_in', 'truncated_normal') as T5X. Dropout is applied to the hidden activation.
@@ -179,21 +188,22 @@ class MLP(nnx.Module):
         def dense(n_in: int, n_out: int, axes: tuple[str, str]) -> Dense:
             return Dense(n_in, n_out, kernel_axes=axes, kernel_init=init, rngs=rngs, dtype=dtype)
 
-        if activation == "gated-gelu":
+        if activation in GATED_ACTIVATIONS:
             self.wi_0 = dense(features, hidden_features, ("embed", "mlp"))
             self.wi_1 = dense(features, hidden_features, ("embed", "mlp"))
         elif activation == "relu":
             self.wi = dense(features, hidden_features, ("embed", "mlp"))
         else:
-            raise ValueError(f"MLP: unknown activation {activation!r}; expected 'gated-gelu' or 'relu'")
+            raise ValueError(f"MLP: unknown activation {activation!r}; expected one of "
+                             f"{sorted(GATED_ACTIVATIONS) + ['relu']}")
         self.wo = dense(hidden_features, features, ("mlp", "embed"))
         self.activation = activation
         self.dropout_rate = dropout_rate
 
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """[batch, length, embed] -> [batch, length, embed]."""
-        if self.activation == "gated-gelu":
-            h = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
+        if self.activation in GATED_ACTIVATIONS:
+            h = GATED_ACTIVATIONS[self.activation](self.wi_0(x)) * self.wi_1(x)
         else:
             h = jax.nn.relu(self.wi(x))
         h = with_logical_constraint(h, ("batch", "length", "mlp"))

@@ -3,8 +3,8 @@
 Architecture (as T5X and HF `T5ForConditionalGeneration`): pre-norm residual blocks with RMS layer norm (no bias),
 relative position bias (bucketed; bidirectional in the encoder, causal in the decoder) computed once per stack
 and shared by its layers, no attention logit scaling (1/sqrt(d_kv) is folded into the query initialisation),
-gated-GELU MLP (or ReLU for T5 1.0), a final norm per stack, no biases anywhere, and an untied `lm_head`
-(or logits through the embedding rescaled by d_model**-0.5 with `tie_word_embeddings=True`).
+gated-GELU MLP (gated-SiLU for UL2, ReLU for T5 1.0), a final norm per stack, no biases anywhere, and an untied
+`lm_head` (or logits through the embedding rescaled by d_model**-0.5 with `tie_word_embeddings=True`).
 
 Parameter tree (paths of `nnx.state(model)`; kernels `[in, out]`, attention in T5X einsum layout):
 
@@ -54,7 +54,7 @@ from itjax.models.layers import (HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSN
                                  dropout, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
 
-FEED_FORWARD_TYPES = ("gated-gelu", "relu")
+FEED_FORWARD_TYPES = ("gated-gelu", "gated-silu", "relu")
 DTYPES = ("float32", "bfloat16")
 
 
