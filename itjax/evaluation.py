@@ -201,15 +201,18 @@ class Evaluation:
                     scores.extend(self._host_rows(trainer.score(params, global_batch), sharding_for_ndim)[:n])
 
             vocabulary = task.output_features["targets"].vocabulary
+            generations = [vocabulary.decode([int(t) for t in row]) for row in tokens]
             local = {
                 "input": [_decode_text(ex.get("inputs_pretokenized", b"")) for ex in host_task.examples],
                 "target": host_task.targets,
-                "prediction": [task.postprocess_fn(vocabulary.decode([int(t) for t in row]), example=ex,
-                                                   is_target=False)
-                               for row, ex in zip(tokens, host_task.examples)] if task.predict_metric_fns else None,
+                "prediction": [task.postprocess_fn(text, example=ex, is_target=False)
+                               for text, ex in zip(generations, host_task.examples)]
+                if task.predict_metric_fns else None,
+                # The decoded text before the postprocessor (e.g. a BBH chain of thought), kept in predictions/.
+                "generation": generations if task.predict_metric_fns and task.postprocessor else None,
                 "score": [float(s) for s in scores] if task.score_metric_fns else None,
             }
-            everything = _interleave(_gather_objects(local), ("input", "target", "prediction", "score"))
+            everything = _interleave(_gather_objects(local), ("input", "target", "prediction", "generation", "score"))
             record = {}
             for metric_fn in task.predict_metric_fns:
                 record.update(metric_fn(everything["target"], everything["prediction"]))
@@ -315,8 +318,9 @@ def _micro_average(results: Mapping[str, Mapping[str, float]]) -> dict[str, floa
 
 
 def write_predictions(output_dir: str, task_name: str, step: int, outputs: Mapping[str, list | None]) -> None:
-    """Writes <output_dir>/<task>-<step>.jsonl: one line per example with input, prediction (or score) and
-    references (the postprocessed target), in one host's example order."""
+    """Writes <output_dir>/<task>-<step>.jsonl: one line per example with input, prediction (postprocessed) or
+    score, generation (the decoded text before the task's postprocessor, for tasks that have one) and references
+    (the postprocessed target), in one host's example order."""
     directory = epath.Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / f"{task_name}-{step}.jsonl").open("w") as f:
@@ -324,6 +328,8 @@ def write_predictions(output_dir: str, task_name: str, step: int, outputs: Mappi
             line = {"input": text}
             if outputs.get("prediction") is not None:
                 line["prediction"] = _decode_text(outputs["prediction"][i])
+            if outputs.get("generation") is not None:
+                line["generation"] = outputs["generation"][i]
             if outputs.get("score") is not None:
                 line["score"] = outputs["score"][i]
             line["references"] = _decode_text(target)
