@@ -89,6 +89,7 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
         "mesh": dict(trainer.partitioner.mesh.shape),
         "parameters": trainer.num_params,
         "compile_seconds": round(compile_seconds, 1),
+        "model_flops_per_step": trainer.train_step_flops({k: tuple(v.shape) for k, v in batch.items()}),
         "param_bytes_per_device": per_device_bytes(trainer.abstract_state["params"]),
         "optimizer_bytes_per_device": per_device_bytes(trainer.abstract_state["opt_state"]),
         "saved_activation_bytes_global": saved_activation_bytes(trainer, batch),
@@ -104,7 +105,8 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
 
 def format_report(figures: Mapping[str, Any]) -> str:
     lines = [f"mesh: {figures['mesh']}", f"parameters: {figures['parameters']:,}",
-             f"train step trace + compile: {figures['compile_seconds']} s"]
+             f"train step trace + compile: {figures['compile_seconds']} s",
+             f"model FLOPs per train step: {figures['model_flops_per_step'] / 1e12:,.3f} TFLOP (itjax.flops)"]
     for key, value in figures.items():
         if "_bytes" in key:
             lines.append(f"{key}: {value / 2**30:.3f} GiB")

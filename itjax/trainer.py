@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from itjax import flops
 from itjax.models.base import BaseModel
 from itjax.partitioning import Partitioner, logical_axes_of
 from itjax.peft import core as peft_core
@@ -103,6 +104,12 @@ class Trainer:
         """Global size of the optimizer state (all devices together)."""
         return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                    for x in jax.tree.leaves(self.abstract_state["opt_state"]))
+
+    def train_step_flops(self, batch_shapes: Mapping[str, tuple[int, ...]]) -> float:
+        """Model FLOPs of one train step on a global batch of these feature shapes (`itjax.flops`)."""
+        frozen = self.abstract_base_params if self.peft is not None else None
+        return flops.train_step_flops(self.model.attention_shape(), self.abstract_state["params"], frozen,
+                                      batch_shapes)
 
     def summary(self) -> str:
         """One line for the start-of-run log: parameter counts and optimizer-state size."""
@@ -237,6 +244,9 @@ class Trainer:
             "z_loss": terms["z_loss_sum"] / divisor,
             "accuracy": terms["correct"] / jnp.maximum(terms["tokens"], 1.0),
             "target_tokens": terms["tokens"],
+            # Non-padding input + target tokens (a decoder-only row holds both in decoder_target_tokens).
+            "text_tokens": sum(jnp.sum(batch[k] != 0) for k in ("encoder_input_tokens", "decoder_target_tokens")
+                               if k in batch).astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": self._learning_rate(state["step"]),
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from itjax import config as config_lib
 from itjax import dry_run as dry_run_lib
+from itjax import flops
 from itjax import optimizers  # noqa: F401  (registers gin configurables)
 from itjax import peft as peft_lib  # noqa: F401  (registers the peft gin configurables)
 from itjax.checkpoints import (Checkpointer, CheckpointCorruptError, CheckpointWriteError, DataPositionError,
@@ -75,8 +77,8 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
           max_decode_length: int | None = None, log_period: int = 20, initial_checkpoint_path: str | None = None,
           peft=None, on_nonfinite_loss: str = "stop", max_consecutive_skips: int = 10,
           on_checkpoint_error: str = "stop", reset_data_position: bool = False,
-          step_timeout_s: float | None = None, progress: bool = True,
-          dry_run: bool = False) -> dict:
+          step_timeout_s: float | None = None, peak_flops_per_device: float | None = None,
+          progress: bool = True, dry_run: bool = False) -> dict:
     """Trains, checkpoints and evaluates; returns the last evaluation's {task: metrics}.
 
     Args:
@@ -115,6 +117,8 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
         excluded), the process reports it and exits with status 3 instead of waiting forever (a hung peer
         blocks every collective). None: no watchdog. Dead or stopped peers are also caught by jax.distributed's
         heartbeats (`python -m itjax.train --heartbeat_timeout_s`).
+      peak_flops_per_device: the FLOP/s that `mfu` divides by. None: the chip's dense bf16 peak from
+        `itjax.flops.PEAK_BF16_FLOPS` (TPU v4-v6e, A100, H100, H200), or on a CPU a float32 GEMM measured at start.
     """
     if on_nonfinite_loss not in ("stop", "skip"):
         raise config_lib.ConfigError(f"train.on_nonfinite_loss={on_nonfinite_loss!r}: use 'stop' or 'skip'.")
@@ -220,7 +224,7 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
     if start_step < train_steps:
         loop = _TrainLoop(trainer, checkpointer, make_evaluation(), writer, save, eval_period=eval_period,
                           log_period=log_period, progress=progress, on_nonfinite_loss=on_nonfinite_loss,
-                          max_consecutive_skips=max_consecutive_skips)
+                          max_consecutive_skips=max_consecutive_skips, peak_flops_per_device=peak_flops_per_device)
         with _PreemptionWatch() as preemption, _StepWatchdog(step_timeout_s) as watchdog:
             state, results, preempted = loop.run(state, batches, start_step, train_steps, preemption, watchdog)
     else:
@@ -377,12 +381,14 @@ class _TrainLoop:
 
     def __init__(self, trainer: Trainer, checkpointer: Checkpointer, evaluation: Evaluation, writer: MetricsWriter,
                  save: Callable, *, eval_period: int, log_period: int, progress: bool, on_nonfinite_loss: str,
-                 max_consecutive_skips: int):
+                 max_consecutive_skips: int, peak_flops_per_device: float | None = None):
         self.trainer, self.checkpointer, self.evaluation, self.writer, self.save = (
             trainer, checkpointer, evaluation, writer, save)
         self.eval_period, self.log_period, self.progress = eval_period, log_period, progress
         self.on_nonfinite_loss, self.max_consecutive_skips = on_nonfinite_loss, max_consecutive_skips
         self.consecutive_skips = 0
+        self.throughput = None  # a _Throughput, made from the first batch's shapes
+        self.peak_flops_per_device = peak_flops_per_device
 
     def run(self, state, batches: pipeline.TrainBatches, start_step: int, train_steps: int,
             preemption: _PreemptionWatch, watchdog: "_StepWatchdog"):
@@ -395,6 +401,8 @@ class _TrainLoop:
         step, preempted = start_step, None
         while step < train_steps:
             batch = pipeline.to_global(next(batches), sharding, host_local=True)
+            if self.throughput is None:
+                self.throughput = _Throughput(self.trainer, batch, self.peak_flops_per_device)
             state, metrics = self.trainer.train_step(state, batch)
             step += 1
             pending.append(metrics)
@@ -402,9 +410,12 @@ class _TrainLoop:
             watchdog.step_finished(step)
             preempted = preemption.reached(step)
             if step % self.log_period == 0 or step == train_steps or preempted:
-                summary = self._summarise(jax.device_get(pending), time.time() - window_start, step)
+                window = jax.device_get(pending)
+                summary = self._summarise(window, time.time() - window_start, step)
+                summary.update(self.throughput.summary(window, time.time() - window_start))
                 pending, window_start = [], time.time()
-                bar.set_postfix(loss=f"{summary['loss']:.4f}", acc=f"{summary['accuracy']:.3f}")
+                bar.set_postfix(loss=f"{summary['loss']:.4f}", acc=f"{summary['accuracy']:.3f}",
+                                tok_s=f"{summary['tokens_per_second']:,.0f}", mfu=f"{summary['mfu']:.1%}")
                 self.writer.write({"step": step, "split": "train", "task": "all", **summary})
             if preempted:
                 break
@@ -433,6 +444,31 @@ class _TrainLoop:
                         f"gradient and were skipped (train.max_consecutive_skips={self.max_consecutive_skips}). "
                         + _ADVICE)
         return _summarise(metrics, seconds, step, skip_nonfinite=skip)
+
+
+class _Throughput:
+    """Tokens and model FLOPs per second of a log window (`itjax.flops`): tokens_per_second (non-padding input +
+    target tokens), packing_efficiency (their share of the token slots), model_tflops_per_second_per_device and
+    mfu (against the device's peak)."""
+
+    def __init__(self, trainer: Trainer, batch: Mapping[str, jax.Array], peak_flops_per_device: float | None):
+        shapes = {k: tuple(v.shape) for k, v in batch.items()}
+        self.flops_per_step = trainer.train_step_flops(shapes)
+        self.token_slots = sum(math.prod(shapes[k]) for k in ("encoder_input_tokens", "decoder_target_tokens")
+                               if k in shapes)
+        self.num_devices = trainer.partitioner.mesh.size
+        self.peak, source = flops.peak_flops_per_device(cpu_peak=peak_flops_per_device)
+        log.info("Model FLOPs per train step: %.4g; peak %.4g FLOP/s per device (%s).", self.flops_per_step,
+                 self.peak, source)
+
+    def summary(self, window: list[dict], seconds: float) -> dict:
+        seconds = max(seconds, 1e-9)
+        text_tokens = float(np.sum([m["text_tokens"] for m in window]))
+        tflops = self.flops_per_step * len(window) / seconds / self.num_devices / 1e12
+        return {"tokens_per_second": text_tokens / seconds,
+                "packing_efficiency": text_tokens / max(self.token_slots * len(window), 1),
+                "model_tflops_per_second_per_device": tflops,
+                "mfu": tflops * 1e12 / self.peak}
 
 
 def _summarise(metrics: list[dict], seconds: float, step: int, *, skip_nonfinite: bool = False) -> dict:

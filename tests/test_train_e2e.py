@@ -60,6 +60,9 @@ def test_run_writes_metrics_predictions_config_and_checkpoints(resumed_run):
     eval_lines = [r for r in lines if r["split"] == "validation"]
     assert [r["step"] for r in train_lines] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(r["loss"]) and r["task"] == "all" for r in train_lines)
+    for r in train_lines:  # throughput in every run (itjax.flops)
+        assert r["tokens_per_second"] > 0 and 0 < r["packing_efficiency"] <= 1
+        assert r["model_tflops_per_second_per_device"] > 0 and 0 < r["mfu"] < 1.5
     tasks = {r["task"] for r in eval_lines}
     assert "all" in tasks and len(tasks) >= 13  # >= 12 tasks + "all"
     for r in eval_lines:

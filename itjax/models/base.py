@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from itjax import losses
+from itjax import flops, losses
 from itjax.models import decoding
 
 if TYPE_CHECKING:  # seqio (and TensorFlow) load with a family's feature converter, not with this interface
@@ -71,6 +71,10 @@ class BaseModel(abc.ABC):
                         lengths: Mapping[str, int], batch_size: int) -> dict[str, np.ndarray]:
         """Unpacked rows of `feature_converter(pack=False)` from token ids (targets None: for generation).
         Returns int32 arrays with batch_size rows; rows past len(inputs) are padding."""
+
+    @abc.abstractmethod
+    def attention_shape(self) -> flops.AttentionShape:
+        """Layer counts and attention width for the model-FLOP count (`itjax.flops.train_step_flops`)."""
 
     # -------------------------------------------------------------------------------------------- shared
     def feature_converter_cls(self, pack: bool = True, **kwargs) -> seqio.FeatureConverter:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itjax import losses
+from itjax import flops, losses
 from itjax.data.feature_converters import DecoderFeatureConverter
 from itjax.models import decoding
 from itjax.models.base import BaseModel
@@ -69,6 +69,13 @@ class DecoderOnlyModel(BaseModel):
     def feature_converter(self, pack: bool = True, **kwargs) -> DecoderFeatureConverter:
         """`DecoderFeatureConverter` with this model's `bos_id` (kwargs go to it)."""
         return DecoderFeatureConverter(pack=pack, bos_id=self.bos_id, **kwargs)
+
+    def attention_shape(self) -> flops.AttentionShape:
+        c = self.config
+        return flops.AttentionShape(encoder_layers=0, decoder_layers=c.num_layers, width=c.num_heads * c.head_dim,
+                                    cross_attention=False,
+                                    tied_output_embedding=(("embed_tokens", "embedding")
+                                                           if c.tie_word_embeddings else None))
 
     def build_module(self, rngs: nnx.Rngs) -> Llama:
         return Llama(self.config, rngs=rngs)

@@ -17,7 +17,7 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from itjax import losses
+from itjax import flops, losses
 from itjax.models import decoding
 from itjax.models.base import BaseModel
 from itjax.models.t5 import T5, T5Config
@@ -62,6 +62,12 @@ class EncoderDecoderModel(BaseModel):
     def feature_converter(self, pack: bool = True, **kwargs) -> seqio.FeatureConverter:
         """`seqio.EncDecFeatureConverter` (kwargs go to it)."""
         return seqio.EncDecFeatureConverter(pack=pack, **kwargs)
+
+    def attention_shape(self) -> flops.AttentionShape:
+        c = self.config
+        return flops.AttentionShape(encoder_layers=c.num_encoder_layers, decoder_layers=c.num_decoder_layers,
+                                    width=c.num_heads * c.d_kv, cross_attention=True,
+                                    tied_output_embedding=("shared", "embedding") if c.tie_word_embeddings else None)
 
     def build_module(self, rngs: nnx.Rngs) -> T5:
         return T5(self.config, rngs=rngs)
