@@ -120,6 +120,25 @@ def test_splash_interpreted_matches_einsum():
                                         q, k, v))
 
 
+def test_splash_runs_per_shard_under_a_mesh():
+    """Under 2D partitioning rules (rows over data x fsdp, heads over tensor) the kernel runs in a shard_map."""
+    from itjax.partitioning import STANDARD_2D_RULES, Partitioner
+
+    partitioner = Partitioner(data=2, fsdp=2, tensor=2, logical_axis_rules=STANDARD_2D_RULES,
+                              devices=jax.devices()[:8])
+    q, k, v = _qkv(batch=4, length=128, heads=4, kv_heads=2, d=16)
+    segments = jnp.array([[1] * 50 + [2] * 78] * 2 + [[1] * 128] * 2)
+    mask = attention.CausalMask(causal_segment_mask(segments, 128), segments)
+
+    def run(impl):
+        def attend(q, k, v):
+            with partitioner.axis_rules():
+                return attention.attend(q, k, v, implementation=impl, mask=mask, scale=0.25)
+        return attend
+    sharding = partitioner.sharding(("batch", "length", "heads", "kv"))
+    _assert_same(*_reference_and_kernel(run, "splash", *(jax.device_put(x, sharding) for x in (q, k, v))))
+
+
 def test_splash_kernel_in_tpu_interpret_mode():
     """The kernel `attend` builds, run by Pallas's TPU interpreter (simulated TPU memory; one row and kv head: the
     TPU interpreter of jax 0.10.2 cannot run a vmapped pallas_call, see the report) against the einsum."""

@@ -32,10 +32,12 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
+from itjax import partitioning
 from itjax.models.layers import MASK_BIAS, dropout
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
@@ -230,13 +232,30 @@ def _splash_attention(queries, keys, values, bias, mask, scale, dtype):
     q = jnp.transpose(q, (0, 2, 3, 1, 4))  # [b, kv_heads, groups, length, D]
     k = jnp.transpose(keys.astype(queries.dtype), (0, 2, 1, 3))  # [b, kv_heads, length, D]
     v = jnp.transpose(values.astype(queries.dtype), (0, 2, 1, 3))
+    segments = jnp.ones((b, length), jnp.int32) if mask.segment_ids is None else mask.segment_ids.astype(jnp.int32)
 
-    def row(q, k, v, segment_ids=None):
-        ids = None if segment_ids is None else kernel_lib.SegmentIds(q=segment_ids, kv=segment_ids)
-        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+    def rows(q, k, v, segments):  # [b, kv_heads, groups, length, D] (a shard of b and kv_heads under a mesh)
+        def row(q, k, v, segment_ids):
+            ids = kernel_lib.SegmentIds(q=segment_ids, kv=segment_ids)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+        return jax.vmap(row)(q, k, v, segments)
 
-    if mask.segment_ids is None:
-        out = jax.vmap(row)(q, k, v)  # [b, kv_heads, groups, length, D]
-    else:
-        out = jax.vmap(row)(q, k, v, mask.segment_ids.astype(jnp.int32))
+    sharding = partitioning.active_sharding(("batch", "length", "heads", "kv"))
+    if sharding is None:
+        out = rows(q, k, v, segments)
+    else:  # XLA cannot partition the kernel: run it per shard of rows and kv heads
+        batch_axes, length_axes, head_axes, kv_axes = sharding.spec
+        if length_axes is not None or kv_axes is not None:
+            raise ValueError(f"attention_impl='splash' shards rows and heads only, but the partitioning rules map "
+                             f"'length' / 'kv' to mesh axes {length_axes} / {kv_axes}: change the rules or use "
+                             "attention_impl='xla'.")
+        shards = 1 if head_axes is None else math.prod(
+            sharding.mesh.shape[a] for a in ((head_axes,) if isinstance(head_axes, str) else head_axes))
+        if kv_heads % shards:
+            raise ValueError(f"attention_impl='splash': {kv_heads} kv heads cannot be split over the {shards} "
+                             f"devices of mesh axes {head_axes} that shard 'heads': use attention_impl='xla'.")
+        P = jax.sharding.PartitionSpec
+        head_spec = P(batch_axes, head_axes)
+        out = jax.shard_map(rows, mesh=sharding.mesh, in_specs=(head_spec, head_spec, head_spec, P(batch_axes)),
+                            out_specs=head_spec, check_vma=False)(q, k, v, segments)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, length, h, d).astype(dtype)
