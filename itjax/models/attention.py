@@ -11,11 +11,15 @@ query heads, as HF and `jax.nn.dot_product_attention` group them). Implementatio
   `jax.nn.dot_product_attention(..., implementation='cudnn')`. A causal self-attention mask (`CausalMask`) goes in as
   `is_causal` plus `local_window_size` (Mistral's sliding window), so the kernel skips masked blocks; packed rows
   (segment ids) add the dense boolean mask; T5's relative-position bias (with its padding / segment mask folded in)
-  goes in as `bias`, broadcast to [batch or 1, heads or 1, q, k]. The dense mask and bias are [batch, ., q, k]
-  tensors, so packed rows and T5 save no score memory (cuDNN still saves the softmax's).
+  goes in as `bias`, broadcast to [batch or 1, heads or 1, q, k]. Memory: unpacked Llama rows need no [q, k] tensor
+  at all; packed rows a [batch, 1, q, k] mask (cuDNN turns it into a bias); T5 a [batch, heads, q, k] bias and its
+  gradient (padding and segments are folded into the position bias), about what 'xla' keeps, so T5 gains speed,
+  not memory.
 - 'splash' (TPU, Llama family): the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu
   .splash_attention`): causal or local-window block-sparse masks, segment ids for packed rows, grouped-query
-  attention through the multi-query kernel vmapped over kv heads and rows. No bias input, so T5 cannot use it.
+  attention through the multi-query kernel vmapped over kv heads and rows; under partitioning rules it runs in a
+  shard_map over the mesh axes of 'batch' and 'heads'. Sequence lengths must be multiples of 128. No bias input, so
+  T5 cannot use it.
 
 Calls that no kernel serves run 'xla' (the call site passes implementation='xla'): incremental decoding and prefill
 with a key-value cache (one or a few queries against a cache with a per-row validity mask), and Llama with prefix
@@ -123,6 +127,8 @@ def attend(
     scale: multiplies q.k before bias and mask (T5 1.0: folded into its query init; Llama D ** -0.5).
     dropout_rate / dropout_rng: dropout on the attention weights ('xla' only; T5 training with dropout).
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl={implementation!r}; expected one of {IMPLEMENTATIONS}")
     _check_available(implementation, dtype)
     if implementation != "xla" and dropout_rng is not None and dropout_rate > 0.0:
         raise ValueError(f"attention_impl={implementation!r} has no dropout on attention weights, but this model "
@@ -133,9 +139,7 @@ def attend(
         return _xla_attention(queries, keys, values, bias, dense, scale, dtype, dropout_rate, dropout_rng)
     if implementation == "cudnn":
         return _cudnn_attention(queries, keys, values, bias, mask, scale, dtype)
-    if implementation == "splash":
-        return _splash_attention(queries, keys, values, bias, mask, scale, dtype)
-    raise ValueError(f"attention_impl={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    return _splash_attention(queries, keys, values, bias, mask, scale, dtype)
 
 
 def _grouped(x: jax.Array | None, kv_heads: int, groups: int) -> jax.Array | None:
