@@ -77,17 +77,20 @@ def _qkv(batch=2, length=12, heads=4, kv_heads=2, d=8, keys_length=None, seed=0)
             jax.random.normal(ks[2], (batch, k_len, kv_heads, d)))
 
 
-@pytest.mark.parametrize("packed, window", [(False, None), (True, 3)])
-def test_cudnn_arguments_match_einsum_causal_gqa(packed, window):
+def test_cudnn_arguments_match_einsum_causal_gqa():
+    """Grouped-query heads, causal; unpacked (the causal flag alone) and packed with a 3-token window (flag, window
+    and the dense segment mask)."""
     q, k, v = _qkv()
-    segments = jnp.array([[1] * 5 + [2] * 6 + [0], [1] * 12]) if packed else None
-    mask = attention.CausalMask(causal_segment_mask(segments, 12, window), segments, window)
+    segments = jnp.array([[1] * 5 + [2] * 6 + [0], [1] * 12])
+    masks = [attention.CausalMask(causal_segment_mask(None, 12)),
+             attention.CausalMask(causal_segment_mask(segments, 12, 3), segments, 3)]
 
     def loss(impl):
-        return lambda q, k, v: jnp.sum(attention.attend(q, k, v, implementation=impl, mask=mask, scale=8**-0.5)
-                                       * _weights(q.shape))
-    _assert_same(*_reference_and_kernel(lambda impl: jax.value_and_grad(loss(impl), argnums=(0, 1, 2)), "cudnn",
-                                        q, k, v))
+        def total(q, k, v):
+            outs = [attention.attend(q, k, v, implementation=impl, mask=mask, scale=8**-0.5) for mask in masks]
+            return jnp.sum((outs[0] + 2 * outs[1]) * _weights(q.shape))
+        return jax.value_and_grad(total, argnums=(0, 1, 2))
+    _assert_same(*_reference_and_kernel(loss, "cudnn", q, k, v))
 
 
 def test_cudnn_arguments_match_einsum_bias_and_cross_attention():
@@ -140,8 +143,10 @@ def test_splash_runs_per_shard_under_a_mesh():
 
 
 def test_splash_kernel_in_tpu_interpret_mode():
-    """The kernel `attend` builds, run by Pallas's TPU interpreter (simulated TPU memory; one row and kv head: the
-    TPU interpreter of jax 0.10.2 cannot run a vmapped pallas_call, see the report) against the einsum."""
+    """The kernel `attend` builds, run by Pallas's TPU interpreter (simulated TPU memory) against the einsum. One row
+    and kv head: jax 0.10.2's TPU interpreter cannot run a vmapped pallas_call (it zips the batched grid with the
+    kernel's 3 dimension semantics: "safe_zip() argument 1 has length 3 but argument 0 has length 4"), so the
+    vmapped model path is tested with the Pallas HLO interpreter (`interpret=True`, `emulated_kernels()`)."""
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 
