@@ -112,6 +112,15 @@ def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) ->
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 
+def active_sharding(logical_axes: Sequence[str | None]) -> NamedSharding | None:
+    """The sharding `with_logical_constraint` would give `logical_axes`; None outside `axis_rules` or on 1 device
+    (for code that must shard_map a kernel XLA cannot partition, e.g. TPU splash attention)."""
+    ctx = _ACTIVE.get()
+    if ctx is None or ctx.mesh.size == 1:
+        return None
+    return NamedSharding(ctx.mesh, logical_to_mesh_spec(logical_axes, ctx.rules))
+
+
 def _mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Resolves one -1 entry to 'the rest of the devices' and checks the product."""
     sizes = [data, fsdp, tensor]

@@ -8,7 +8,11 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Tests run on the CPU unless ITJAX_TEST_ACCELERATOR=1: then the GPU stays visible and the tests marked `gpu` / `tpu`
+# (skipped elsewhere, see pytest_collection_modifyitems) run on the chip, e.g.
+# `ITJAX_TEST_ACCELERATOR=1 python -m pytest -q -m "gpu or tpu"`.
+if os.environ.get("ITJAX_TEST_ACCELERATOR") != "1":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # JAX's persistent compilation cache, fresh for each session: many tests run the same program again (every
 # in-process `itjax.train` / `itjax.infer` builds a new Trainer, whose jitted steps miss JAX's in-memory cache), and
@@ -48,6 +52,15 @@ SLOW_MODULES = {
 
 
 def pytest_collection_modifyitems(config, items):
+    backend = None
     for item in items:
         if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        for chip in ("gpu", "tpu"):
+            if chip in item.keywords:
+                if backend is None:
+                    import jax
+                    backend = jax.default_backend()
+                if backend != chip:
+                    item.add_marker(pytest.mark.skip(
+                        reason=f"needs a {chip.upper()} (JAX runs on {backend!r}; set ITJAX_TEST_ACCELERATOR=1 on one)"))

@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itjax.models import scan
-from itjax.models.layers import (HIDDEN_AXES, MASK_BIAS, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat,
+from itjax.models import attention, scan
+from itjax.models.layers import (HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat,
                                  split_rng)
 from itjax.partitioning import with_logical_constraint
 
@@ -76,6 +76,8 @@ class LlamaConfig:
     remat_policy: what the backward pass keeps of each layer (`layers.REMAT_POLICIES`).
     scan_layers: store the layers stacked (`layers.<path>` [num_layers, ...]) and run them with `jax.lax.scan`
         (see `itjax.models.scan`); the same function as the per-layer model.
+    attention_impl: 'xla' (einsum, everywhere), 'cudnn' (NVIDIA GPU, bfloat16) or 'splash' (TPU); see
+        `itjax.models.attention`. Cached decoding runs 'xla' with each.
     """
 
     vocab_size: int
@@ -95,9 +97,11 @@ class LlamaConfig:
     sliding_window: int | None = None
     remat_policy: str = "none"
     scan_layers: bool = False
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         check_remat_policy("LlamaConfig", self.remat_policy)
+        attention.check_implementation("LlamaConfig", self.attention_impl, family="llama")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window}; expected None or a positive int")
         if self.head_dim is None:
@@ -245,7 +249,6 @@ class LlamaAttention(nnx.Module):
         self.v_proj = proj(e, (k, d), ("embed", "heads", "kv"), config.attention_bias)
         self.o_proj = proj((h, d), e, ("heads", "kv", "embed"), False)
         self.config = config
-        self.num_groups = h // k
         self.dtype = dtype
 
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -257,17 +260,17 @@ class LlamaAttention(nnx.Module):
         values = with_logical_constraint(self.v_proj(x), HEAD_AXES)
         return queries, keys, values
 
-    def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
-        """queries [batch, q, heads, D], keys / values [batch, k, kv_heads, D], mask bool broadcastable to
-        [batch, 1, 1, q, k] -> [batch, q, embed]."""
+    def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array,
+               mask: jax.Array | attention.CausalMask) -> jax.Array:
+        """queries [batch, q, heads, D], keys / values [batch, k, kv_heads, D], mask: an `attention.CausalMask`
+        (training: runs the config's `attention_impl`) or a bool array broadcastable to [batch, 1, q, k] (cached
+        decoding: runs 'xla') -> [batch, q, embed]."""
+        implementation = self.config.attention_impl if isinstance(mask, attention.CausalMask) else "xla"
         if self.extra_kv is not None:
-            keys, values, mask = self.extra_kv.prepend(keys, values, mask)
-        b, q, h, d = queries.shape
-        grouped = queries.reshape(b, q, h // self.num_groups, self.num_groups, d)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", grouped, keys, preferred_element_type=jnp.float32)
-        logits = logits * d**-0.5 + jnp.where(mask, 0.0, MASK_BIAS)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, values).reshape(b, q, h, d)
+            dense = mask.dense if isinstance(mask, attention.CausalMask) else mask
+            keys, values, mask = self.extra_kv.prepend(keys, values, dense)
+        out = attention.attend(queries, keys, values, implementation=implementation, mask=mask,
+                               scale=queries.shape[-1] ** -0.5, dtype=self.dtype)
         return self.o_proj(with_logical_constraint(out, HEAD_AXES))
 
 
@@ -310,7 +313,8 @@ class LlamaLayer(nnx.Module):
         cache_index: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x [batch, l, embed], positions [batch, l], mask bool broadcastable to [batch, 1, 1, l, k].
+        """x [batch, l, embed], positions [batch, l], mask: an `attention.CausalMask` or bool broadcastable to
+        [batch, 1, l, k].
 
         Without a cache, attention runs over x's own keys (k = l). With `cache` (keys, values) [batch, max_len,
         kv_heads, D], x's keys / values are written at slots `cache_index + arange(l)` per row (cache_index
@@ -337,14 +341,14 @@ def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.A
 
 def causal_segment_mask(segment_ids: jax.Array | None, length: int, sliding_window: int | None = None) -> jax.Array:
     """Causal mask, restricted to equal segment ids when given and to the last `sliding_window` positions
-    (the query's own included). [batch or 1, 1, 1, length, length] bool."""
+    (the query's own included). [batch or 1, 1, length, length] bool."""
     idx = jnp.arange(length)
     mask = (idx[:, None] >= idx[None, :])[None]
     if sliding_window is not None:
         mask = mask & (idx[:, None] - idx[None, :] < sliding_window)[None]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask[:, None, None]
+    return mask[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +394,8 @@ class Llama(nnx.Module):
         x = self.embed_tokens(tokens)
         if self.input_prompt is not None:
             x, positions, segment_ids = self.input_prompt.insert_sequence(x, positions, segment_ids)
-        mask = causal_segment_mask(segment_ids, x.shape[1], self.config.sliding_window)
+        mask = attention.CausalMask(causal_segment_mask(segment_ids, x.shape[1], self.config.sliding_window),
+                                    segment_ids, self.config.sliding_window)
         x = with_logical_constraint(x, HIDDEN_AXES)
         c = self.config
         if c.scan_layers:
@@ -472,7 +477,7 @@ class Llama(nnx.Module):
         mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & cache.valid[:, None, :]
         if self.config.sliding_window is not None:  # a row's real tokens are contiguous: slot gap = token gap
             mask = mask & (key_slots[None, None, :] > query_slots[:, :, None] - self.config.sliding_window)
-        mask = mask[:, None, None]  # [batch, 1, 1, l, max_len]
+        mask = mask[:, None]  # [batch, 1, l, max_len]
         if self.config.scan_layers:
             def body(layer, x, layer_cache):
                 return layer(x, positions, mask, cache=layer_cache, cache_index=start)

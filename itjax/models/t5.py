@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from itjax.models import scan
+from itjax.models import attention, scan
 from itjax.models.layers import (HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSNorm, check_remat_policy,
                                  dropout, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
@@ -66,6 +66,7 @@ class T5Config:
     softmax, norms and the final logits are computed in float32. `remat_policy`: what the backward pass keeps of
     each layer (`layers.REMAT_POLICIES`). `scan_layers`: store each stack's layers stacked
     (`encoder.layers.<path>` [num_encoder_layers, ...]) and run them with `jax.lax.scan` (`itjax.models.scan`).
+    `attention_impl`: 'xla' (einsum, everywhere) or 'cudnn' (NVIDIA GPU, bfloat16; `itjax.models.attention`).
     """
 
     vocab_size: int
@@ -85,9 +86,11 @@ class T5Config:
     decoder_start_token_id: int = 0
     remat_policy: str = "none"
     scan_layers: bool = False
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         check_remat_policy("T5Config", self.remat_policy)
+        attention.check_implementation("T5Config", self.attention_impl, family="t5")
         if self.feed_forward not in FEED_FORWARD_TYPES:
             raise ValueError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARD_TYPES}")
         if self.dtype not in DTYPES:
@@ -233,6 +236,7 @@ class Attention(nnx.Module):
         self.o = dense((h, kv), d, ("heads", "kv", "embed"), (h * kv) ** -0.5)
         self.dropout_rate = config.dropout_rate
         self.dtype = dtype
+        self.implementation = config.attention_impl
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[batch, length, embed] -> keys, values, each [batch, length, heads, kv]."""
@@ -247,17 +251,18 @@ class Attention(nnx.Module):
         bias: jax.Array,
         *,
         dropout_rng: jax.Array | None = None,
+        implementation: str | None = None,
     ) -> jax.Array:
         """Queries from x [batch, q, embed] attend to keys / values [batch, k, heads, kv].
 
-        bias: float32, broadcastable to [batch, heads, q, k]. Returns [batch, q, embed].
+        bias: float32, broadcastable to [batch, heads, q, k]. implementation: overrides the config's
+        `attention_impl` ('xla' for cached decoding steps). Returns [batch, q, embed].
         """
         if self.extra_kv is not None:
             keys, values, bias = self.extra_kv.prepend(keys, values, bias)
         queries = with_logical_constraint(self.q(x), ("batch", "length", "heads", "kv"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", queries, keys, preferred_element_type=jnp.float32) + bias
-        weights = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, dropout_rng).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, values)
+        out = attention.attend(queries, keys, values, implementation=implementation or self.implementation,
+                               bias=bias, dtype=self.dtype, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
         return self.o(with_logical_constraint(out, ("batch", "length", "heads", "kv")))
 
     def __call__(
@@ -340,10 +345,12 @@ class DecoderLayer(nnx.Module):
         if cache is not None:
             keys = jax.lax.dynamic_update_slice_in_dim(cache[0], keys, cache_index, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(cache[1], values, cache_index, axis=1)
-        h = self.self_attention.attend(h, keys, values, self_bias, dropout_rng=rngs[0])
+        implementation = None if cache is None else "xla"  # a cached step (one query): no kernel applies
+        h = self.self_attention.attend(h, keys, values, self_bias, dropout_rng=rngs[0], implementation=implementation)
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[1]), HIDDEN_AXES)
         h = self.pre_cross_attention_norm(x)
-        h = self.cross_attention.attend(h, cross_keys, cross_values, cross_bias, dropout_rng=rngs[2])
+        h = self.cross_attention.attend(h, cross_keys, cross_values, cross_bias, dropout_rng=rngs[2],
+                                        implementation=implementation)
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[3]), HIDDEN_AXES)
         h = self.mlp(self.pre_mlp_norm(x), dropout_rng=rngs[4])
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[5]), HIDDEN_AXES)
