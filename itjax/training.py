@@ -366,10 +366,11 @@ class _StepWatchdog:
         self._stop.set()
 
 
-def _logged_results(model_dir: str, step: int, split: str, mixture: str) -> dict | None:
+def _logged_results(model_dir: str, step: int, split: str, mixture: str | None = None) -> dict | None:
     """The evaluation of `step` on `split` that MODEL_DIR/metrics.jsonl already holds ({task: metrics}), so a rerun
-    of a finished run neither evaluates again nor appends duplicate rows; None if absent. Process 0's answer is
-    used by every process (evaluation runs collectives: all evaluate or none)."""
+    of a finished run neither evaluates again nor appends duplicate rows; None if absent. Lines naming another
+    `mixture` (extra eval mixtures) are not the run's evaluation; lines naming none (older itjax) are. Process 0's
+    answer is used by every process (evaluation runs collectives: all evaluate or none)."""
     results = {}
     path = os.path.join(model_dir, "metrics.jsonl")
     if jax.process_index() == 0 and epath.Path(path).is_file():
@@ -378,7 +379,7 @@ def _logged_results(model_dir: str, step: int, split: str, mixture: str) -> dict
                 continue
             record = json.loads(line)
             if (record.get("step") == step and record.get("split") == split and "task" in record
-                    and record.get("mixture", mixture) == mixture):  # (lines before itjax named the mixture)
+                    and (mixture is None or record.get("mixture", mixture) == mixture)):
                 task = record.pop("task")
                 results[task] = {k: v for k, v in record.items() if k not in ("step", "split", "mixture")}
     found = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(results))))

@@ -33,16 +33,20 @@ def _lines(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("evalcli") / "run")
-    assert train_lib.main([
+def _train(model_dir):
+    return train_lib.main([
         "--gin_file=quickstart.gin", f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=3",
         f"--gin.MIXTURE_OR_TASK_NAME='{MAIN}'",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.BATCH_SIZE=8",
         "--gin.train.eval_num_examples=3", "--gin.train.eval_batch_size=8", "--gin.train.eval_period=0",
         "--gin.train.checkpoint_period=2", "--gin.train.async_checkpointing=False", "--no_progress",
-        f"--gin.train.extra_evals={{'{EXTRA}': {{'period': 2, 'num_examples': 4}}}}"]) == 0
+        f"--gin.train.extra_evals={{'{EXTRA}': {{'period': 2, 'num_examples': 4}}}}"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("evalcli") / "run")
+    assert _train(model_dir) == 0
     return model_dir
 
 
@@ -71,6 +75,15 @@ def test_extra_eval_mixture_runs_at_its_cadence_and_at_the_end(run_dir):
     assert sorted(os.listdir(os.path.join(run_dir, "predictions"))) == sorted([
         EXTRA, f"{MAIN_TASKS[0]}-3.jsonl", f"{MAIN_TASKS[1]}-3.jsonl"])
     assert sorted(os.listdir(os.path.join(run_dir, "predictions", EXTRA))) == [f"{EXTRA}-2.jsonl", f"{EXTRA}-3.jsonl"]
+
+
+def test_rerun_of_the_finished_run_reads_back_only_the_main_evaluation(run_dir, capsys):
+    capsys.readouterr()
+    before = _lines(os.path.join(run_dir, "metrics.jsonl"))
+    assert _train(run_dir) == 0
+    out = capsys.readouterr().out
+    assert "Already trained to step 3" in out and MAIN_TASKS[0] in out and EXTRA not in out
+    assert _lines(os.path.join(run_dir, "metrics.jsonl")) == before
 
 
 def test_eval_of_a_checkpoint_equals_what_training_logged(run_dir, capsys):
