@@ -60,6 +60,34 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"show library start-up lines and INFO logs (also: {VERBOSE_ENV}=1)")
 
 
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds the multi-process flags (`--coordinator_address`, `--num_processes`, `--process_id`, `--multiprocess`,
+    `--heartbeat_timeout_s`) that `initialize_distributed` reads."""
+    parser.add_argument("--coordinator_address", default=None,
+                        help="multi-process runs: host:port of process 0 (jax.distributed); on TPU pods and SLURM "
+                             "clusters jax finds it itself, pass --multiprocess instead")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--multiprocess", action="store_true", help="call jax.distributed.initialize() with "
+                        "the cluster's auto-detected settings")
+    parser.add_argument("--heartbeat_timeout_s", type=int, default=100,
+                        help="multi-process runs: a process whose heartbeats stop this long (dead, or stopped) "
+                             "makes every process exit with an error (jax.distributed's coordination service)")
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Joins a multi-process run (one process per host) when the flags of `add_distributed_flags` ask for one. CPU
+    processes talk over gloo collectives."""
+    if args.coordinator_address is None and not args.multiprocess:
+        return
+    import jax
+
+    # Only used by the CPU backend; must be set before the backend starts (so before any jax.devices() call).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout_s)
+
+
 def verbose_requested(flag: bool = False) -> bool:
     """`--verbose` was given, or ITJAX_VERBOSE is set to something other than '' / '0'."""
     return flag or os.environ.get(VERBOSE_ENV, "") not in ("", "0")

@@ -2,8 +2,9 @@
 
 Each host reads, tokenizes and runs only its shard of the eval data (`Evaluation`), the tasks' seqio
 postprocessors and metric functions see all of it (gathered), as `seqio.Evaluator` would give them on one host.
-Results go to `MODEL_DIR/metrics.jsonl` (one line per task plus `"task": "all"`) and
-`MODEL_DIR/predictions/<task>-<step>.jsonl` (input, prediction, references).
+Results go to `MODEL_DIR/metrics.jsonl` (one line per task plus `"task": "all"`, each naming its `"split"` and
+`"mixture"`) and `MODEL_DIR/predictions/<task>-<step>.jsonl` (input, prediction, references); an evaluation given an
+`output_name` (a training run's extra eval mixtures, `python -m itjax.eval`) writes `predictions/<output_name>/`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ class MetricsWriter:
         self._tb = {}
         self._tb_dir = os.path.join(model_dir, "tensorboard") if tensorboard else None
 
-    def write(self, record: Mapping[str, Any]) -> None:
+    def write(self, record: Mapping[str, Any], tensorboard_name: str | None = None) -> None:
+        """Appends `record` (with `step`, `split`, `task`) as one line; its numbers go to the TensorBoard run
+        `tensorboard_name` (default `<split>/<task>`)."""
         if not self._is_writer:
             return
         with epath.Path(self.path).open("a") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         if self._tb_dir:
-            writer = self._tensorboard(f"{record['split']}/{record['task']}")
+            writer = self._tensorboard(tensorboard_name or f"{record['split']}/{record['task']}")
             for key, value in record.items():
                 if key not in ("step", "split", "task") and isinstance(value, (int, float)) and np.isfinite(value):
                     writer.add_scalar(key, value, record["step"])
@@ -113,11 +116,15 @@ class Evaluation:
       model_dir: where metrics.jsonl and predictions/ go.
       max_decode_length: decoding budget in tokens (defaults to the targets length).
       num_examples: evaluate only the first N examples of each task (None: all).
+      output_name: None for a run's main evaluation; else (an extra eval mixture, `itjax.eval`: the mixture's
+        name) predictions go to `model_dir/predictions/<output_name>/` and TensorBoard runs are named
+        `<split>/<output_name>/<task>`, apart from the main evaluation's.
     """
 
     def __init__(self, mixture_or_task_name: str, feature_converter_cls, task_feature_lengths: Mapping[str, int],
                  batch_size: int, split: str, model_dir: str, writer: MetricsWriter,
-                 max_decode_length: int | None = None, num_examples: int | None = None, batch_divisor: int = 1):
+                 max_decode_length: int | None = None, num_examples: int | None = None, batch_divisor: int = 1,
+                 output_name: str | None = None):
         tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
         self.tasks = list(seqio.evaluation.get_valid_eval_tasks(tasks, split))
         if not self.tasks:
@@ -132,13 +139,14 @@ class Evaluation:
                                  "metric functions, which itjax does not compute; give it metric_fns taking "
                                  "(targets, predictions) or (targets, scores).")
         self.split = split
+        self.mixture_name, self.output_name = mixture_or_task_name, output_name
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         multiple = math.lcm(batch_divisor, self.process_count)
         self.batch_size = -(-batch_size // multiple) * multiple
         self.local_batch_size = self.batch_size // self.process_count
         self.max_decode_length = max_decode_length or task_feature_lengths["targets"]
         self.writer = writer
-        self.predictions_dir = os.path.join(model_dir, "predictions")
+        self.predictions_dir = os.path.join(model_dir, "predictions", *([output_name] if output_name else []))
         eos_ids = {t.output_features["targets"].vocabulary.eos_id for t in self.tasks}
         if len(eos_ids) > 1:
             raise ValueError(f"Evaluation of {mixture_or_task_name!r}: its tasks' target vocabularies disagree on "
@@ -227,7 +235,9 @@ class Evaluation:
                 write_predictions(self.predictions_dir, task.name, step, everything)
         results["all"] = _micro_average(results)
         for task_name, record in results.items():
-            self.writer.write({"step": step, "split": self.split, "task": task_name, **record})
+            name = f"{self.split}/{self.output_name}/{task_name}" if self.output_name else None
+            self.writer.write({"step": step, "split": self.split, "mixture": self.mixture_name, "task": task_name,
+                               **record}, tensorboard_name=name)
         self.writer.flush()
         return results
 

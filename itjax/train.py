@@ -30,8 +30,6 @@ import argparse
 import importlib
 import sys
 
-import jax
-
 from itjax import cli
 from itjax import config as config_lib
 
@@ -47,16 +45,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (e.g. in log files)")
     parser.add_argument("--dry_run", action="store_true", help="build the model abstractly, lay out its shardings, "
                         "compile the train step and print parameter / memory figures; allocates and writes nothing")
-    parser.add_argument("--coordinator_address", default=None,
-                        help="multi-process runs: host:port of process 0 (jax.distributed); on TPU pods and SLURM "
-                             "clusters jax finds it itself, pass --multiprocess instead")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
-    parser.add_argument("--multiprocess", action="store_true", help="call jax.distributed.initialize() with "
-                        "the cluster's auto-detected settings")
-    parser.add_argument("--heartbeat_timeout_s", type=int, default=100,
-                        help="multi-process runs: a process whose heartbeats stop this long (dead, or stopped) "
-                             "makes every process exit with an error (jax.distributed's coordination service)")
+    cli.add_distributed_flags(parser)
     cli.add_verbose_flag(parser)
     args = parser.parse_args(rest)
     if not args.gin_file:
@@ -64,14 +53,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, list(args.gin_bindings) + bindings
 
 
-def initialize_distributed(args: argparse.Namespace) -> None:
-    """Joins a multi-process run (one process per host). CPU processes talk over gloo collectives."""
-    if args.coordinator_address is None and not args.multiprocess:
-        return
-    # Only used by the CPU backend; must be set before the backend starts (so before any jax.devices() call).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout_s)
+initialize_distributed = cli.initialize_distributed  # moved to itjax.cli (itjax.eval uses it too)
 
 
 setup_logging = cli.setup_logging  # moved to itjax.cli; the old name keeps working

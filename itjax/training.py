@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from itjax import config as config_lib
 from itjax import dry_run as dry_run_lib
+from itjax import eval_specs
 from itjax import flops
 from itjax import optimizers  # noqa: F401  (registers gin configurables)
 from itjax import peft as peft_lib  # noqa: F401  (registers the peft gin configurables)
@@ -78,7 +79,7 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
           peft=None, on_nonfinite_loss: str = "stop", max_consecutive_skips: int = 10,
           on_checkpoint_error: str = "stop", reset_data_position: bool = False,
           step_timeout_s: float | None = None, peak_flops_per_device: float | None = None,
-          progress: bool = True, dry_run: bool = False) -> dict:
+          extra_evals: Mapping | None = None, progress: bool = True, dry_run: bool = False) -> dict:
     """Trains, checkpoints and evaluates; returns the last evaluation's {task: metrics}.
 
     Args:
@@ -119,6 +120,11 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
         heartbeats (`python -m itjax.train --heartbeat_timeout_s`).
       peak_flops_per_device: the FLOP/s that `mfu` divides by. None: the chip's dense bf16 peak from
         `itjax.flops.PEAK_BF16_FLOPS` (TPU v4-v6e, A100, H100, H200), or on a CPU a float32 GEMM measured at start.
+      extra_evals: more eval mixtures, each at its own cadence and at the end: {mixture: period} or
+        {mixture: {'period', 'split', 'task_feature_lengths', 'batch_size', 'max_decode_length', 'num_examples'}}
+        (left-out settings: the main evaluation's; split: eval_split if the mixture has it, else 'validation', else
+        'test'), or a list of {'mixture': name, ...} (itjax.eval_specs.parse_extra_evals). Their metrics.jsonl
+        lines name their `"mixture"` (as every eval line does); predictions go to predictions/<mixture>/.
     """
     if on_nonfinite_loss not in ("stop", "skip"):
         raise config_lib.ConfigError(f"train.on_nonfinite_loss={on_nonfinite_loss!r}: use 'stop' or 'skip'.")
@@ -142,6 +148,11 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
             f"(num_microbatches {num_microbatches}) = {divisor}.")
     if task is not None:
         _check_vocabulary(task, model)
+    extra_specs = []
+    if extra_evals and task is not None:
+        main_eval = eval_specs.EvalSpec(mixture_or_task_name, eval_split, dict(task_feature_lengths),
+                                        eval_batch_size or batch_size, max_decode_length, eval_num_examples)
+        extra_specs = eval_specs.parse_extra_evals(extra_evals, main=main_eval, eval_period=eval_period)
     log.info("Mesh %s, %d devices, %d process(es).", dict(partitioner.mesh.shape), jax.device_count(),
              jax.process_count())
     if peft is not None:
@@ -206,6 +217,13 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
                           eval_batch_size or batch_size, eval_split, model_dir, writer,
                           max_decode_length=max_decode_length, num_examples=eval_num_examples,
                           batch_divisor=partitioner.batch_divisor)
+
+    def make_extra_evaluations() -> list[tuple[int, Evaluation]]:
+        return [(spec.period, Evaluation(spec.mixture_or_task_name, model.feature_converter_cls,
+                                         spec.task_feature_lengths, spec.batch_size, spec.split, model_dir, writer,
+                                         max_decode_length=spec.max_decode_length, num_examples=spec.num_examples,
+                                         batch_divisor=partitioner.batch_divisor,
+                                         output_name=spec.mixture_or_task_name)) for spec in extra_specs]
     if jax.process_index() == 0:
         config_lib.save_operative_config(model_dir)
 
@@ -224,12 +242,13 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
     if start_step < train_steps:
         loop = _TrainLoop(trainer, checkpointer, make_evaluation(), writer, save, eval_period=eval_period,
                           log_period=log_period, progress=progress, on_nonfinite_loss=on_nonfinite_loss,
-                          max_consecutive_skips=max_consecutive_skips, peak_flops_per_device=peak_flops_per_device)
+                          max_consecutive_skips=max_consecutive_skips, peak_flops_per_device=peak_flops_per_device,
+                          extra_evaluations=make_extra_evaluations())
         with _PreemptionWatch() as preemption, _StepWatchdog(step_timeout_s) as watchdog:
             state, results, preempted = loop.run(state, batches, start_step, train_steps, preemption, watchdog)
     else:
         print(f"Already trained to step {start_step} >= TRAIN_STEPS={train_steps}.", flush=True)
-        results = _logged_results(model_dir, start_step, eval_split)
+        results = _logged_results(model_dir, start_step, eval_split, mixture_or_task_name)
     step = int(state["step"])
     if preempted:
         save(step, state, batches)
@@ -352,10 +371,11 @@ class _StepWatchdog:
         self._stop.set()
 
 
-def _logged_results(model_dir: str, step: int, split: str) -> dict | None:
+def _logged_results(model_dir: str, step: int, split: str, mixture: str | None = None) -> dict | None:
     """The evaluation of `step` on `split` that MODEL_DIR/metrics.jsonl already holds ({task: metrics}), so a rerun
-    of a finished run neither evaluates again nor appends duplicate rows; None if absent. Process 0's answer is
-    used by every process (evaluation runs collectives: all evaluate or none)."""
+    of a finished run neither evaluates again nor appends duplicate rows; None if absent. Lines naming another
+    `mixture` (extra eval mixtures) are not the run's evaluation; lines naming none (older itjax) are. Process 0's
+    answer is used by every process (evaluation runs collectives: all evaluate or none)."""
     results = {}
     path = os.path.join(model_dir, "metrics.jsonl")
     if jax.process_index() == 0 and epath.Path(path).is_file():
@@ -363,9 +383,10 @@ def _logged_results(model_dir: str, step: int, split: str) -> dict | None:
             if not line.strip():
                 continue
             record = json.loads(line)
-            if record.get("step") == step and record.get("split") == split and "task" in record:
+            if (record.get("step") == step and record.get("split") == split and "task" in record
+                    and (mixture is None or record.get("mixture", mixture) == mixture)):
                 task = record.pop("task")
-                results[task] = {k: v for k, v in record.items() if k not in ("step", "split")}
+                results[task] = {k: v for k, v in record.items() if k not in ("step", "split", "mixture")}
     found = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(results))))
     if not found:
         return None
@@ -381,7 +402,8 @@ class _TrainLoop:
 
     def __init__(self, trainer: Trainer, checkpointer: Checkpointer, evaluation: Evaluation, writer: MetricsWriter,
                  save: Callable, *, eval_period: int, log_period: int, progress: bool, on_nonfinite_loss: str,
-                 max_consecutive_skips: int, peak_flops_per_device: float | None = None):
+                 max_consecutive_skips: int, peak_flops_per_device: float | None = None,
+                 extra_evaluations: list[tuple[int, Evaluation]] = ()):
         self.trainer, self.checkpointer, self.evaluation, self.writer, self.save = (
             trainer, checkpointer, evaluation, writer, save)
         self.eval_period, self.log_period, self.progress = eval_period, log_period, progress
@@ -389,6 +411,7 @@ class _TrainLoop:
         self.consecutive_skips = 0
         self.throughput = None  # a _Throughput, made from the first batch's shapes
         self.peak_flops_per_device = peak_flops_per_device
+        self.extra_evaluations = list(extra_evaluations)  # (period, Evaluation): train.extra_evals
 
     def run(self, state, batches: pipeline.TrainBatches, start_step: int, train_steps: int,
             preemption: _PreemptionWatch, watchdog: "_StepWatchdog"):
@@ -428,6 +451,14 @@ class _TrainLoop:
                 all_ = results["all"]
                 bar.write(f"step {step}: eval exact_match {all_.get('exact_match', float('nan')):.2f} "
                           f"rougeL {all_.get('rougeL', float('nan')):.2f} loss {all_['loss']:.4f}")
+            for period, evaluation in self.extra_evaluations:
+                if (period and step % period == 0) or step == train_steps:
+                    with watchdog.paused():
+                        extra = evaluation.run(self.trainer, state["params"], step)["all"]
+                    bar.write(f"step {step}: eval {evaluation.mixture_name} ({evaluation.split}) "
+                              + " ".join(f"{k} {v:.4f}" for k, v in extra.items() if k != "num_examples"))
+            if not pending:  # just logged: checkpoint and evaluation time stays out of the next window's rates
+                window_start = time.time()
         bar.close()
         return state, results, preempted
 

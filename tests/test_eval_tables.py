@@ -1,4 +1,4 @@
-"""itjax.eval tables: hand-computed values, and equality with the official SuperNI evaluation logic."""
+"""itjax.report tables: hand-computed values, and equality with the official SuperNI evaluation logic."""
 
 import csv
 import glob
@@ -10,7 +10,7 @@ import string
 import pytest
 from rouge_score import rouge_scorer
 
-from itjax import eval as eval_tables
+from itjax import report as eval_tables
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superni")
 
