@@ -21,6 +21,16 @@ which other tasks are registered):
   validation instances never change with the train cap and never overlap the train split.
   Small-task rule (logged as a warning): validation takes at most half of a task's instances
   (`min(num_validation, n // 2)`), so a task with one instance has no validation example.
+* test tasks with `downstream_splits=True` (the downstream partition of Gupta 2023, "quick learners"): "test" is
+  as above but drawn only from `Instances[:100]`; "validation" is `Instances[100:100 + v]` and the train pool is
+  `Instances[100 + v:]` (never the test instances), "train" its first `num_downstream_train_instances` in a seeded
+  shuffle (None: all), so sizes 100 / 200 / 1000 / all are nested prefixes. v is
+  `num_downstream_validation_instances` (10). Small-task rule (one warning per task): with r = n - 100 instances
+  beyond the test set, v = min(10, r // 2) (validation shrinks first; train keeps the rest); a task with r = 0
+  (<= 100 instances) has an empty "train" and "validation" (all of it stays test): it has rate 0 in the test
+  mixture (evaluated, never trained on), and `superni_mixture(task=...)` for it fails naming the task.
+  With this option the test mixture's rates are examples-proportional on "train" (multi-task training on the
+  downstream tasks: `MIXTURE_OR_TASK_NAME = @superni_mixture()`, one model per task: `superni_mixture.task`).
 
 Features before tokenization (tf.string): inputs (rendered with itjax.data.superni.encode_tk_instruct),
 targets (first acceptable output), references [None] (all acceptable outputs), id, task_name, category (first of
@@ -38,6 +48,7 @@ import random
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import gin
 import seqio
 import tensorflow as tf
 
@@ -49,6 +60,7 @@ logger = logging.getLogger(__name__)
 OFFICIAL_TEST_INSTANCES = 100  # upstream: the first 100 instances of a test task are its evaluation set
 TRAIN_TASK_SPLITS = ("train", "validation")
 TEST_TASK_SPLITS = ("test",)
+DOWNSTREAM_TASK_SPLITS = ("train", "validation", "test")
 _INVALID_NAME_CHARS = re.compile(r"[^\w.:]")
 
 
@@ -92,6 +104,42 @@ def select_test_instances(instances: Sequence[Any], cap: Optional[int], seed: in
     ordered = [head[i] for i in seeded_permutation(len(head), seed, task_name)]
     ordered += [tail[i] for i in seeded_permutation(len(tail), seed, task_name + "/rest")]
     return ordered if cap is None else ordered[:cap]
+
+
+def split_downstream_instances(
+    instances: Sequence[Any],
+    *,
+    num_validation: int,
+    cap: Optional[int],
+    seed: int,
+    task_name: str,
+) -> dict[str, list]:
+    """{"test", "validation", "train"} of a downstream (partitioned) test task; disjoint; train caps nested.
+
+    test: a seeded permutation of `Instances[:100]`; validation: `Instances[100:100 + v]` with
+    v = min(num_validation, r // 2), r = n - 100; train: the first `cap` (None: all) of a seeded permutation of
+    `Instances[100 + v:]`. Logs a warning for a task with fewer than 100 + 2 * num_validation instances.
+    """
+    head = list(instances[:OFFICIAL_TEST_INSTANCES])
+    rest = list(instances[OFFICIAL_TEST_INSTANCES:])
+    test = [head[i] for i in seeded_permutation(len(head), seed, task_name)]
+    n_val = min(num_validation, len(rest) // 2)
+    pool = rest[n_val:]
+    pool = [pool[i] for i in seeded_permutation(len(pool), seed, task_name + "/train")]
+    train = pool if cap is None else pool[:cap]
+    if not pool:
+        logger.warning(
+            "SuperNI test task %s has %d instances (<= %d): all are test, it gets no validation and NO train data "
+            "(rate 0 in the test mixture).", task_name, len(instances), OFFICIAL_TEST_INSTANCES)
+    elif n_val < num_validation:
+        logger.warning(
+            "SuperNI test task %s has %d instances: test gets the first %d, validation %d (min(%d, %d // 2), "
+            "validation shrinks first), train the other %d.", task_name, len(instances), OFFICIAL_TEST_INSTANCES,
+            n_val, num_validation, len(rest), len(pool))
+    elif cap is not None and len(pool) < cap:
+        logger.warning("SuperNI test task %s has %d train instances, fewer than the %d asked for: train gets all %d.",
+                       task_name, len(pool), cap, len(pool))
+    return {"test": test, "validation": rest[:n_val], "train": train}
 
 
 def num_train_instances(pool_size: int, cap: Optional[int], fraction: Optional[float]) -> int:
@@ -152,9 +200,18 @@ class SelectionConfig:
     max_num_instances_per_train_task: Optional[int] = None
     train_fraction: Optional[float] = None
     num_validation_instances_per_train_task: int = 10
+    downstream_splits: bool = False
+    num_downstream_train_instances: Optional[int] = None
+    num_downstream_validation_instances: int = 10
 
     def __post_init__(self):
-        for name in ("max_num_instances_per_task", "max_num_instances_per_train_task"):
+        if not self.downstream_splits and self.num_downstream_train_instances is not None:
+            raise SuperNISplitError("num_downstream_train_instances needs downstream_splits=True (test tasks get "
+                                    "train / validation / test splits only then).")
+        if self.num_downstream_validation_instances < 0:
+            raise SuperNISplitError("num_downstream_validation_instances must be >= 0.")
+        for name in ("max_num_instances_per_task", "max_num_instances_per_train_task",
+                     "num_downstream_train_instances"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SuperNISplitError(f"{name}={value!r}: use a positive integer, or None for all instances.")
@@ -176,10 +233,18 @@ class _TaskData:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return TEST_TASK_SPLITS if self.is_test else TRAIN_TASK_SPLITS
+        if self.is_test:
+            return DOWNSTREAM_TASK_SPLITS if self.selection.downstream_splits else TEST_TASK_SPLITS
+        return TRAIN_TASK_SPLITS
 
     def _select(self, task: Mapping[str, Any]) -> dict[str, list]:
         s, name = self.selection, task["Task"]
+        if self.is_test and s.downstream_splits:
+            splits = split_downstream_instances(task["Instances"], num_validation=s.num_downstream_validation_instances,
+                                                cap=s.num_downstream_train_instances, seed=s.seed, task_name=name)
+            if s.max_num_instances_per_task is not None:
+                splits["test"] = splits["test"][:s.max_num_instances_per_task]
+            return splits
         if self.is_test:
             return {"test": select_test_instances(task["Instances"], s.max_num_instances_per_task, s.seed, name)}
         return split_train_instances(
@@ -240,6 +305,7 @@ class SuperNIRegistration:
     selection: SelectionConfig
     encoding: dict[str, Any]
     task_data: dict[str, _TaskData] = dataclasses.field(repr=False)
+    prefix: str = "superni"
 
 
 def _encoding_kwargs(encoding: Union[str, Mapping[str, Any]], max_source_length: Optional[int],
@@ -291,6 +357,7 @@ def _replace_mixture(name: str, tasks: list, default_rate: Any) -> None:
         seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
 
 
+@gin.configurable
 def register_superni(
     data_dir: str,
     *,
@@ -307,6 +374,9 @@ def register_superni(
     prefix: str = "superni",
     missing_tasks: str = "error",
     validate: bool = False,
+    downstream_splits: bool = False,
+    num_downstream_train_instances: Optional[int] = None,
+    num_downstream_validation_instances: int = 10,
 ) -> SuperNIRegistration:
     """Registers one seqio Task per task of `splits/<split_name>` and the mixtures `<prefix>_<split_name>_train` /
     `<prefix>_<split_name>_test`. Calling it again with the same names replaces the earlier registration.
@@ -328,6 +398,11 @@ def register_superni(
       prefix: seqio name prefix of tasks and mixtures.
       missing_tasks: "error" (default) if a split list names a task without a file, or "skip" to register the rest.
       validate: load and check every task file now (default: on first use of each task).
+      downstream_splits: give test tasks "train" / "validation" / "test" splits (the downstream partition of the
+        module docstring: test = the official first 100, validation the next 10, train from the rest).
+      num_downstream_train_instances: with downstream_splits, each test task's "train" size (100, 200, 1000;
+        None: all); nested prefixes of one seeded order.
+      num_downstream_validation_instances: with downstream_splits, each test task's "validation" size (10).
     """
     if train_percentage is not None:
         if train_fraction is not None:
@@ -336,7 +411,8 @@ def register_superni(
     if missing_tasks not in ("error", "skip"):
         raise SuperNISplitError(f"missing_tasks={missing_tasks!r}: use 'error' or 'skip'.")
     selection = SelectionConfig(seed, max_num_instances_per_task, max_num_instances_per_train_task, train_fraction,
-                                num_validation_instances_per_train_task)
+                                num_validation_instances_per_train_task, downstream_splits,
+                                num_downstream_train_instances, num_downstream_validation_instances)
     vocabulary = _vocabulary(vocabulary)
     encode_kwargs = _encoding_kwargs(encoding, max_source_length, vocabulary)
     output_features = {
@@ -372,12 +448,39 @@ def register_superni(
     # Examples-proportional rates (Tk-Instruct concatenates the capped train tasks); evaluated when sampled.
     _replace_mixture(train_mixture, registered["train"],
                      lambda task: float(task_data[task.name].num_examples("train")))
-    _replace_mixture(test_mixture, registered["test"], 1.0)
+    # Downstream partition: multi-task training on the test tasks mixes them examples-proportionally too.
+    _replace_mixture(test_mixture, registered["test"],
+                     (lambda task: float(task_data[task.name].num_examples("train"))) if downstream_splits else 1.0)
     logger.info("Registered SuperNI split %r: %d train / %d test tasks (%d missing), seed %d, %s, encoding %r.",
                 split_name, len(registered["train"]), len(registered["test"]), len(missing), seed, selection,
                 encoding)
     return SuperNIRegistration(train_mixture, test_mixture, registered["train"], registered["test"], missing,
-                               selection, dict(encode_kwargs), task_data)
+                               selection, dict(encode_kwargs), task_data, prefix)
+
+
+@gin.configurable
+def superni_mixture(task: Optional[str] = None, role: str = "test") -> str:
+    """Registers SuperNI with the gin-bound `register_superni` arguments and returns a seqio name for a macro
+    (`MIXTURE_OR_TASK_NAME = @superni_mixture()`): the `role` mixture ("test" or "train"), or with `task` (a
+    SuperNI task name, e.g. 'task1155_bard_analogical_reasoning_trash_or_treasure') that task alone.
+
+    Raises SuperNISplitError naming the task when it is not registered, or (with downstream_splits) when it has
+    no train instances."""
+    if role not in ("train", "test"):
+        raise SuperNISplitError(f"superni_mixture.role={role!r}: use 'train' or 'test'.")
+    reg = register_superni()
+    if task is None:
+        return reg.train_mixture if role == "train" else reg.test_mixture
+    name = seqio_task_name(task, reg.prefix)
+    if name not in reg.task_data:
+        raise SuperNISplitError(f"superni_mixture.task={task!r} is not a task of this SuperNI registration "
+                                f"({len(reg.test_tasks)} test / {len(reg.train_tasks)} train tasks); check the name "
+                                "against splits/<split_name>/test_tasks.txt.")
+    data = reg.task_data[name]
+    if data.is_test and reg.selection.downstream_splits and data.num_examples("train") == 0:
+        raise SuperNISplitError(f"superni_mixture.task={task!r} has no train instances (it has at most "
+                                f"{OFFICIAL_TEST_INSTANCES}, all test): drop it from single-task runs.")
+    return name
 
 
 def _vocabulary(vocabulary: Optional[Union[seqio.Vocabulary, str]]) -> seqio.Vocabulary:
