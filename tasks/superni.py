@@ -377,6 +377,7 @@ def register_superni(
     downstream_splits: bool = False,
     num_downstream_train_instances: Optional[int] = None,
     num_downstream_validation_instances: int = 10,
+    only_tasks: Optional[Sequence[str]] = None,
 ) -> SuperNIRegistration:
     """Registers one seqio Task per task of `splits/<split_name>` and the mixtures `<prefix>_<split_name>_train` /
     `<prefix>_<split_name>_test`. Calling it again with the same names replaces the earlier registration.
@@ -403,6 +404,8 @@ def register_superni(
       num_downstream_train_instances: with downstream_splits, each test task's "train" size (100, 200, 1000;
         None: all); nested prefixes of one seeded order.
       num_downstream_validation_instances: with downstream_splits, each test task's "validation" size (10).
+      only_tasks: register only these SuperNI task names of the split lists (e.g. a few test tasks for a small
+        study); a name in neither list is an error naming it.
     """
     if train_percentage is not None:
         if train_fraction is not None:
@@ -423,6 +426,12 @@ def register_superni(
     split_dir = os.path.join(data_dir, "splits", split_name)
     lists = {role: os.path.join(split_dir, f"{role}_tasks.txt") for role in ("train", "test")}
     names = {role: read_task_list(path) for role, path in lists.items()}
+    if only_tasks is not None:
+        unknown = [n for n in only_tasks if n not in set(names["train"]) | set(names["test"])]
+        if unknown:
+            raise SuperNISplitError(f"only_tasks names {', '.join(unknown)}, listed in neither {lists['train']} nor "
+                                    f"{lists['test']}; check the names.")
+        names = {role: [n for n in listed if n in set(only_tasks)] for role, listed in names.items()}
     overlap = sorted(set(names["train"]) & set(names["test"]))
     if overlap:
         raise SuperNISplitError(f"{split_dir}: tasks listed as both train and test: {', '.join(overlap[:5])}.")

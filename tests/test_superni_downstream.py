@@ -103,7 +103,11 @@ def test_superni_mixture_from_gin(tmp_path):
         gin.clear_config()
 
 
-def test_size_without_the_partition_is_an_error(tmp_path):
-    data_dir, _ = _tiny_checkout(tmp_path, (105,))
+def test_size_without_the_partition_and_unknown_only_tasks_are_errors(tmp_path):
+    data_dir, names = _tiny_checkout(tmp_path, (105, 130))
+    reg = superni.register_superni(data_dir, prefix="only", only_tasks=[names[1]])
+    assert reg.test_tasks == [f"only_{names[1]}"] and reg.train_tasks == []
+    with pytest.raises(superni.SuperNISplitError, match="task42_typo"):
+        superni.register_superni(data_dir, prefix="only", only_tasks=["task42_typo"])
     with pytest.raises(superni.SuperNISplitError, match="downstream_splits=True"):
         superni.register_superni(data_dir, prefix="bad", num_downstream_train_instances=100)
