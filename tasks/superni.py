@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import re
@@ -62,6 +63,9 @@ TRAIN_TASK_SPLITS = ("train", "validation")
 TEST_TASK_SPLITS = ("test",)
 DOWNSTREAM_TASK_SPLITS = ("train", "validation", "test")
 _INVALID_NAME_CHARS = re.compile(r"[^\w.:]")
+
+
+_REGISTERED_TASK_DATA: dict[str, dict] = {}  # prefix -> {seqio task name: _TaskData} of the latest registration
 
 
 class SuperNISplitError(ValueError):
@@ -113,6 +117,7 @@ def split_downstream_instances(
     cap: Optional[int],
     seed: int,
     task_name: str,
+    log: bool = True,
 ) -> dict[str, list]:
     """{"test", "validation", "train"} of a downstream (partitioned) test task; disjoint; train caps nested.
 
@@ -127,16 +132,16 @@ def split_downstream_instances(
     pool = rest[n_val:]
     pool = [pool[i] for i in seeded_permutation(len(pool), seed, task_name + "/train")]
     train = pool if cap is None else pool[:cap]
-    if not pool:
+    if log and not pool:
         logger.warning(
             "SuperNI test task %s has %d instances (<= %d): all are test, it gets no validation and NO train data "
             "(rate 0 in the test mixture).", task_name, len(instances), OFFICIAL_TEST_INSTANCES)
-    elif n_val < num_validation:
+    elif log and n_val < num_validation:
         logger.warning(
             "SuperNI test task %s has %d instances: test gets the first %d, validation %d (min(%d, %d // 2), "
             "validation shrinks first), train the other %d.", task_name, len(instances), OFFICIAL_TEST_INSTANCES,
             n_val, num_validation, len(rest), len(pool))
-    elif cap is not None and len(pool) < cap:
+    elif log and cap is not None and len(pool) < cap:
         logger.warning("SuperNI test task %s has %d train instances, fewer than the %d asked for: train gets all %d.",
                        task_name, len(pool), cap, len(pool))
     return {"test": test, "validation": rest[:n_val], "train": train}
@@ -230,6 +235,7 @@ class _TaskData:
     def __init__(self, path: str, is_test: bool, selection: SelectionConfig, encode_kwargs: dict):
         self.path, self.is_test, self.selection, self.encode_kwargs = path, is_test, selection, encode_kwargs
         self._columns: Optional[dict[str, dict[str, list]]] = None
+        self._counts: Optional[dict[str, int]] = None
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -239,9 +245,10 @@ class _TaskData:
 
     def _select(self, task: Mapping[str, Any]) -> dict[str, list]:
         s, name = self.selection, task["Task"]
-        if self.is_test and s.downstream_splits:
+        if self.is_test and s.downstream_splits:  # logs its small-task rule once per task (counted or rendered)
             splits = split_downstream_instances(task["Instances"], num_validation=s.num_downstream_validation_instances,
-                                                cap=s.num_downstream_train_instances, seed=s.seed, task_name=name)
+                                                cap=s.num_downstream_train_instances, seed=s.seed, task_name=name,
+                                                log=self._counts is None)
             if s.max_num_instances_per_task is not None:
                 splits["test"] = splits["test"][:s.max_num_instances_per_task]
             return splits
@@ -269,7 +276,13 @@ class _TaskData:
         return self._columns
 
     def num_examples(self, split: str) -> int:
-        return len(self.columns()[split]["id"])
+        """Examples of `split`; counts the selection without rendering prompts when they are not built yet."""
+        if self._columns is not None:
+            return len(self._columns[split]["id"])
+        if self._counts is None:
+            counts = {k: len(v) for k, v in self._select(superni.load_task(self.path)).items()}
+            self._counts = counts
+        return self._counts[split]
 
     def dataset_fn(self, split: str, shuffle_files: bool = False, seed: Optional[int] = None) -> tf.data.Dataset:
         """seqio FunctionDataSource signature; one in-memory 'file', so shuffle_files / seed do nothing."""
@@ -453,6 +466,7 @@ def register_superni(
             task_data[name] = data
             registered[role].append(name)
 
+    _REGISTERED_TASK_DATA[prefix] = task_data
     train_mixture, test_mixture = f"{prefix}_{split_name}_train", f"{prefix}_{split_name}_test"
     # Examples-proportional rates (Tk-Instruct concatenates the capped train tasks); evaluated when sampled.
     _replace_mixture(train_mixture, registered["train"],
@@ -490,6 +504,25 @@ def superni_mixture(task: Optional[str] = None, role: str = "test") -> str:
         raise SuperNISplitError(f"superni_mixture.task={task!r} has no train instances (it has at most "
                                 f"{OFFICIAL_TEST_INSTANCES}, all test): drop it from single-task runs.")
     return name
+
+
+@gin.configurable
+def superni_epoch_steps(num_epochs: float = 2.0, batch_size: int = gin.REQUIRED,
+                        mixture_or_task_name: str = gin.REQUIRED, split: str = "train") -> int:
+    """Training steps for `num_epochs` passes over the "train" examples of a registered SuperNI task or mixture
+    (Tk-Instruct trains for epochs; gin: `TRAIN_STEPS = @superni_epoch_steps()` with `.batch_size = %BATCH_SIZE`
+    and `.mixture_or_task_name = %MIXTURE_OR_TASK_NAME`): ceil(num_epochs * examples / batch_size), at least 1.
+    A task of a mixture that is not a SuperNI task is an error naming it."""
+    data = {}
+    for reg_data in _REGISTERED_TASK_DATA.values():
+        data.update(reg_data)
+    tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
+    unknown = [t.name for t in tasks if t.name not in data]
+    if unknown:
+        raise SuperNISplitError(f"superni_epoch_steps: {unknown[0]!r} (in {mixture_or_task_name!r}) is not a "
+                                "registered SuperNI task; set TRAIN_STEPS directly for other tasks.")
+    examples = sum(data[t.name].num_examples(split) for t in tasks if split in data[t.name].splits)
+    return max(1, math.ceil(num_epochs * examples / batch_size))
 
 
 def _vocabulary(vocabulary: Optional[Union[seqio.Vocabulary, str]]) -> seqio.Vocabulary:

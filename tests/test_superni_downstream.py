@@ -99,6 +99,11 @@ def test_superni_mixture_from_gin(tmp_path):
             superni.superni_mixture(task=tiny)
         with pytest.raises(superni.SuperNISplitError, match="task999_nope"):
             superni.superni_mixture(task="task999_nope")
+        # 2 epochs of the train split: 3 + 0 + 20 (the 130-instance task has 20 in its pool) examples, batch 4
+        assert superni.superni_epoch_steps(batch_size=4, mixture_or_task_name="gin_default_test") == 12
+        assert superni.superni_epoch_steps(batch_size=4, mixture_or_task_name=f"gin_{small}") == 2
+        with pytest.raises(superni.SuperNISplitError, match="quickstart_.*not a registered SuperNI task"):
+            superni.superni_epoch_steps(batch_size=4, mixture_or_task_name="quickstart")
     finally:
         gin.clear_config()
 
