@@ -4,7 +4,7 @@ The gin surface (one configurable, `study`; see gin/studies/*.gin):
 
     study.name = 'smoke'
     study.base_gin_files = ['quickstart.gin']          # the ordinary experiment every run starts from
-    study.base_bindings = ["register_superni.data_dir = '${superni_dir}'",
+    study.base_bindings = ["import itjax.tasks.superni_gin", "register_superni.data_dir = '${superni_dir}'",
                            "MIXTURE_OR_TASK_NAME = @superni_mixture()", "TRAIN_STEPS = 20"]
     study.variables = {'superni_dir': '/data/natural-instructions'}   # ${name} in any binding string
     study.tasks = '${superni_dir}/splits/default/test_tasks.txt'       # or a list of names

@@ -17,7 +17,7 @@ failed, 2 for a bad study.
 
 Before any run starts, every run's gin is checked (also by --dry_run, which then prints the plan and stops): it must
 parse with itjax.config as a full training config, name a registered task or mixture (SuperNI tasks through
-`@superni_mixture()`) and an existing initial checkpoint; an error names the run and the binding, task or path.
+`@superni_mixture()` of itjax.tasks.superni_gin) and an existing initial checkpoint; an error names the run and the binding, task or path.
 
 Flags:
   --gin_file FILE          the study gin (repeatable); --gin.study.X=Y overrides a study binding.
@@ -129,9 +129,9 @@ def _cached_superni_registrations():
     """While checking many runs, `register_superni` with the same gin-bound arguments registers once."""
     import gin
 
-    from itjax.tasks import superni
+    from itjax.tasks import superni_gin
 
-    original, cache = superni.register_superni, {}
+    original, cache = superni_gin.register_superni, {}
 
     def cached(*args, **kwargs):
         bound = sorted((repr(k), repr(v)) for k, v in gin.config._CONFIG.items() if "register_superni" in k[1])
@@ -140,11 +140,11 @@ def _cached_superni_registrations():
             cache[key] = original(*args, **kwargs)
         return cache[key]
 
-    superni.register_superni = cached
+    superni_gin.register_superni = cached
     try:
         yield
     finally:
-        superni.register_superni = original
+        superni_gin.register_superni = original
 
 
 def check_run(run: Run, study_dir: str, search_paths: Sequence[str] = ()) -> dict:

@@ -30,7 +30,7 @@ which other tasks are registered):
   (<= 100 instances) has an empty "train" and "validation" (all of it stays test): it has rate 0 in the test
   mixture (evaluated, never trained on), and `superni_mixture(task=...)` for it fails naming the task.
   With this option the test mixture's rates are examples-proportional on "train" (multi-task training on the
-  downstream tasks: `MIXTURE_OR_TASK_NAME = @superni_mixture()`, one model per task: `superni_mixture.task`).
+  downstream tasks). From gin: itjax.tasks.superni_gin (`MIXTURE_OR_TASK_NAME = @superni_mixture()`).
 
 Features before tokenization (tf.string): inputs (rendered with itjax.data.superni.encode_tk_instruct),
 targets (first acceptable output), references [None] (all acceptable outputs), id, task_name, category (first of
@@ -43,13 +43,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import gin
 import seqio
 import tensorflow as tf
 
@@ -370,7 +368,6 @@ def _replace_mixture(name: str, tasks: list, default_rate: Any) -> None:
         seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
 
 
-@gin.configurable
 def register_superni(
     data_dir: str,
     *,
@@ -479,50 +476,6 @@ def register_superni(
                 encoding)
     return SuperNIRegistration(train_mixture, test_mixture, registered["train"], registered["test"], missing,
                                selection, dict(encode_kwargs), task_data, prefix)
-
-
-@gin.configurable
-def superni_mixture(task: Optional[str] = None, role: str = "test") -> str:
-    """Registers SuperNI with the gin-bound `register_superni` arguments and returns a seqio name for a macro
-    (`MIXTURE_OR_TASK_NAME = @superni_mixture()`): the `role` mixture ("test" or "train"), or with `task` (a
-    SuperNI task name, e.g. 'task1155_bard_analogical_reasoning_trash_or_treasure') that task alone.
-
-    Raises SuperNISplitError naming the task when it is not registered, or (with downstream_splits) when it has
-    no train instances."""
-    if role not in ("train", "test"):
-        raise SuperNISplitError(f"superni_mixture.role={role!r}: use 'train' or 'test'.")
-    reg = register_superni()
-    if task is None:
-        return reg.train_mixture if role == "train" else reg.test_mixture
-    name = seqio_task_name(task, reg.prefix)
-    if name not in reg.task_data:
-        raise SuperNISplitError(f"superni_mixture.task={task!r} is not a task of this SuperNI registration "
-                                f"({len(reg.test_tasks)} test / {len(reg.train_tasks)} train tasks); check the name "
-                                "against splits/<split_name>/test_tasks.txt.")
-    data = reg.task_data[name]
-    if data.is_test and reg.selection.downstream_splits and data.num_examples("train") == 0:
-        raise SuperNISplitError(f"superni_mixture.task={task!r} has no train instances (it has at most "
-                                f"{OFFICIAL_TEST_INSTANCES}, all test): drop it from single-task runs.")
-    return name
-
-
-@gin.configurable
-def superni_epoch_steps(num_epochs: float = 2.0, batch_size: int = gin.REQUIRED,
-                        mixture_or_task_name: str = gin.REQUIRED, split: str = "train") -> int:
-    """Training steps for `num_epochs` passes over the "train" examples of a registered SuperNI task or mixture
-    (Tk-Instruct trains for epochs; gin: `TRAIN_STEPS = @superni_epoch_steps()` with `.batch_size = %BATCH_SIZE`
-    and `.mixture_or_task_name = %MIXTURE_OR_TASK_NAME`): ceil(num_epochs * examples / batch_size), at least 1.
-    A task of a mixture that is not a SuperNI task is an error naming it."""
-    data = {}
-    for reg_data in _REGISTERED_TASK_DATA.values():
-        data.update(reg_data)
-    tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
-    unknown = [t.name for t in tasks if t.name not in data]
-    if unknown:
-        raise SuperNISplitError(f"superni_epoch_steps: {unknown[0]!r} (in {mixture_or_task_name!r}) is not a "
-                                "registered SuperNI task; set TRAIN_STEPS directly for other tasks.")
-    examples = sum(data[t.name].num_examples(split) for t in tasks if split in data[t.name].splits)
-    return max(1, math.ceil(num_epochs * examples / batch_size))
 
 
 def _vocabulary(vocabulary: Optional[Union[seqio.Vocabulary, str]]) -> seqio.Vocabulary:

@@ -9,7 +9,7 @@ import gin
 import pytest
 import seqio
 
-from itjax.tasks import superni
+from itjax.tasks import superni, superni_gin
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superni")
 BIG = "task1155_bard_analogical_reasoning_trash_or_treasure"  # 148 instances in the shared sample
@@ -92,18 +92,18 @@ def test_superni_mixture_from_gin(tmp_path):
         gin.parse_config([f"register_superni.data_dir = {data_dir!r}", "register_superni.prefix = 'gin'",
                           "register_superni.downstream_splits = True",
                           "register_superni.num_downstream_train_instances = 100"])
-        assert superni.superni_mixture() == "gin_default_test"
-        assert superni.superni_mixture(role="train") == "gin_default_train"
-        assert superni.superni_mixture(task=ok) == f"gin_{ok}"
+        assert superni_gin.superni_mixture() == "gin_default_test"
+        assert superni_gin.superni_mixture(role="train") == "gin_default_train"
+        assert superni_gin.superni_mixture(task=ok) == f"gin_{ok}"
         with pytest.raises(superni.SuperNISplitError, match=f"{tiny}.*no train instances"):
-            superni.superni_mixture(task=tiny)
+            superni_gin.superni_mixture(task=tiny)
         with pytest.raises(superni.SuperNISplitError, match="task999_nope"):
-            superni.superni_mixture(task="task999_nope")
+            superni_gin.superni_mixture(task="task999_nope")
         # 2 epochs of the train split: 3 + 0 + 20 (the 130-instance task has 20 in its pool) examples, batch 4
-        assert superni.superni_epoch_steps(batch_size=4, mixture_or_task_name="gin_default_test") == 12
-        assert superni.superni_epoch_steps(batch_size=4, mixture_or_task_name=f"gin_{small}") == 2
+        assert superni_gin.superni_epoch_steps(batch_size=4, mixture_or_task_name="gin_default_test") == 12
+        assert superni_gin.superni_epoch_steps(batch_size=4, mixture_or_task_name=f"gin_{small}") == 2
         with pytest.raises(superni.SuperNISplitError, match="quickstart_.*not a registered SuperNI task"):
-            superni.superni_epoch_steps(batch_size=4, mixture_or_task_name="quickstart")
+            superni_gin.superni_epoch_steps(batch_size=4, mixture_or_task_name="quickstart")
     finally:
         gin.clear_config()
 

@@ -138,7 +138,7 @@ study.name = 'tiny'
 study.base_gin_files = ['quickstart.gin']
 study.variables = {{'superni_dir': {SUPERNI_DIR!r}}}
 study.tasks = [{BIG!r}, {OTHER!r}]
-study.base_bindings = ["import itjax.tasks.superni", "register_superni.data_dir = '${{superni_dir}}'",
+study.base_bindings = ["import itjax.tasks.superni_gin", "register_superni.data_dir = '${{superni_dir}}'",
     "register_superni.only_tasks = ${{tasks}}", "register_superni.downstream_splits = True",
     "register_superni.max_num_instances_per_task = 4", "MIXTURE_OR_TASK_NAME = @superni_mixture()",
     "TASK_FEATURE_LENGTHS = {{'inputs': 64, 'targets': 8}}", "TRAIN_STEPS = 2", "BATCH_SIZE = 8",
