@@ -206,3 +206,32 @@ def test_one_real_run_and_rerun(tmp_path):
     assert any(r.get("split") == "test" and r.get("task") == f"superni_{BIG}" for r in records)
     size = os.path.getsize(os.path.join(model_dir, "train.log"))
     assert sweep.execute(run, out) == "done" and os.path.getsize(os.path.join(model_dir, "train.log")) == size
+
+
+@needs_superni
+def test_the_shipped_studies_expand_and_check(tmp_path):
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "tk").mkdir()
+    spm = os.path.join(os.path.dirname(__file__), "..", "tasks", "data", "quickstart", "spm.model")
+    (tmp_path / "t5" / "spiece.model").write_bytes(open(spm, "rb").read())
+    variables = {"superni_dir": SUPERNI_DIR, "missing_tasks": "skip", "tk_instruct_3b": str(tmp_path / "tk"),
+                 "t5_3b": str(tmp_path / "t5")}
+    ql = study_lib.load_study(["studies/quick_learners.gin"], [f"study.variables = {variables!r}"])
+    runs = study_lib.expand(ql)  # the 119 test tasks of the official split list
+    assert len(runs) == (1 + 119) * 4 * 2 * 2 * 1 * 3 + 2 * 2 * 1
+    stage1 = runs[0]
+    assert stage1.run_id == "pre__pft=def_pos_2__start=tk_instruct_3b__seed=0"
+    cell = {"setting": "stl", "task": BIG, "size": "1000", "encoding": "input_only", "start": "tk_instruct_3b",
+            "seed": "0", "pft": "def_pos_2"}
+    stl = next(r for r in runs if r.cell == cell)
+    assert stl.depends_on == stage1.run_id and f"superni_mixture.task = '{BIG}'" in stl.bindings
+    assert "register_superni.num_downstream_train_instances = 1000" in stl.bindings
+    mtl = next(r for r in runs if r.cell.get("setting") == "mtl" and r.cell["pft"] == "none")
+    figures = sweep.check_runs([stage1, stl, mtl], str(tmp_path / "s"))
+    assert figures[stage1.run_id]["task"] == "superni_default_train"
+    assert figures[stl.run_id] == {"task": f"superni_{BIG}", "steps": 5, "batch_size": 16,  # 38 of 148, 2 epochs
+                                   "tokens": 5 * 16 * (1024 + 128)}
+    smoke = study_lib.expand(study_lib.load_study(["studies/smoke.gin"], [f"study.variables = {{'superni_dir': "
+                                                                         f"{SUPERNI_DIR!r}}}"]))
+    assert len(smoke) == (1 + 3) * 2 * 2 and set(sweep.check_runs(smoke, str(tmp_path / "s"))) == {
+        r.run_id for r in smoke}
