@@ -4,7 +4,8 @@ r"""Run a study: `python -m itjax.sweep --gin_file=studies/smoke.gin --out_dir=S
 A study is a gin file binding the `study` configurable (the grid; see itjax/study.py for the gin surface and how
 cells expand). Each cell is an ordinary `python -m itjax.train` run with MODEL_DIR = STUDY/<run id> (config.gin,
 metrics.jsonl, predictions/ as usual), started as a subprocess, so a crash is contained and recorded; its output
-goes to STUDY/<run id>/train.log. A stage-1 (pre_stage) run is exported with `python -m itjax.convert --from_run`
+goes to STUDY/<run id>/train.log. The runs share a persistent JAX compilation cache, STUDY/jax_cache (unless
+JAX_COMPILATION_CACHE_DIR is set). A stage-1 (pre_stage) run is exported with `python -m itjax.convert --from_run`
 to STUDY/<run id>/export once it finishes, and the runs built on it start from that export.
 
 State: one JSON file per run, STUDY/runs/<run id>.json ({run_id, stage, cell, model_dir, depends_on, state:
@@ -39,6 +40,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -246,9 +248,10 @@ def train_command(run: Run, study_dir: str, search_paths: Sequence[str]) -> list
 
 
 def export_command(run: Run, study_dir: str) -> list:
+    """Exports a stage-1 run into STUDY/<run id>/export.partial (renamed to export when complete)."""
     model_dir = os.path.join(os.path.abspath(study_dir), run.run_id)
     return [sys.executable, "-m", "itjax.convert", "--from_run", model_dir, "--out_dir",
-            os.path.join(model_dir, "export")]
+            os.path.join(model_dir, "export.partial")]
 
 
 def execute(run: Run, study_dir: str, search_paths: Sequence[str] = (), runner: Runner = subprocess_runner,
@@ -267,8 +270,11 @@ def execute(run: Run, study_dir: str, search_paths: Sequence[str] = (), runner: 
     log_path = os.path.join(os.path.abspath(study_dir), run.run_id, "train.log")
     record(study_dir, run, "running", started=_now(), log=log_path)
     commands = [train_command(run, study_dir, search_paths)]
-    if run.stage == study_lib.STAGE1:
+    export = os.path.join(os.path.abspath(study_dir), run.run_id, "export")
+    if run.stage == study_lib.STAGE1 and not os.path.isdir(export):
         commands.append(export_command(run, study_dir))
+        if os.path.isdir(export + ".partial"):  # an export of ours that stopped half-way
+            shutil.rmtree(export + ".partial")
     for command in commands:
         try:
             status = runner(command, log_path)
@@ -280,6 +286,11 @@ def execute(run: Run, study_dir: str, search_paths: Sequence[str] = (), runner: 
             record(study_dir, run, "failed", finished=_now(),
                    error=f"{message}; last lines of {log_path}:\n{_tail(log_path)}")
             return "failed"
+    if len(commands) > 1:
+        if not os.path.isdir(export + ".partial"):
+            record(study_dir, run, "failed", finished=_now(), error=f"the export wrote nothing to {export}.partial")
+            return "failed"
+        os.replace(export + ".partial", export)
     record(study_dir, run, "done", finished=_now())
     return "done"
 
@@ -386,6 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_plan(mine, figures, args.out_dir))
         return 0
     os.makedirs(args.out_dir, exist_ok=True)
+    # Runs of a study share shapes: one persistent JAX compilation cache lets later runs load instead of compile.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.out_dir), "jax_cache"))
     write_plan(args.out_dir, st, runs)
     states = {}
     for i, run in enumerate(mine):

@@ -89,6 +89,8 @@ def test_state_files_failures_and_rerun_skipping(tmp_path):
         run_id = os.path.basename(os.path.dirname(log_path))
         bad = (run_id == "pre__pft=def__start=tk" and "itjax.train" in command) or \
             run_id == "setting=stl__task=tb__start=t5__pft=none"
+        if "itjax.convert" in command and not bad:  # the export writes its folder
+            os.makedirs(command[command.index("--out_dir") + 1])
         return 1 if bad else 0
 
     states = {r.run_id: sweep.execute(r, str(tmp_path), runner=fake_runner) for r in runs}
@@ -114,11 +116,15 @@ def test_state_files_failures_and_rerun_skipping(tmp_path):
 
     def fixed_runner(command, log_path):  # the failures are fixed: the retried runs and their dependents finish
         calls.append(os.path.basename(os.path.dirname(log_path)))
+        if "itjax.convert" in command:
+            os.makedirs(command[command.index("--out_dir") + 1])
         return 0
 
     assert all(sweep.execute(r, str(tmp_path), runner=fixed_runner) == "done" for r in runs)
     assert sorted(set(calls)) == sorted({"pre__pft=def__start=tk", "setting=stl__task=tb__start=t5__pft=none",
                                          *dependent})
+    assert (tmp_path / "pre__pft=def__start=tk" / "export").is_dir()
+    assert not (tmp_path / "pre__pft=def__start=tk" / "export.partial").exists()
 
 
 def test_a_runner_that_cannot_start_is_recorded(tmp_path):
@@ -235,3 +241,24 @@ def test_the_shipped_studies_expand_and_check(tmp_path):
                                                                          f"{SUPERNI_DIR!r}}}"]))
     assert len(smoke) == (1 + 3) * 2 * 2 and set(sweep.check_runs(smoke, str(tmp_path / "s"))) == {
         r.run_id for r in smoke}
+
+
+def test_stage1_export_is_redone_after_a_half_written_one(tmp_path):
+    stage1 = next(r for r in study_lib.expand(_staged()) if r.stage == "pre")
+    partial = tmp_path / stage1.run_id / "export.partial"
+    partial.mkdir(parents=True)
+    (partial / "stale").write_text("half")
+    seen = []
+
+    def runner(command, log_path):
+        if "itjax.convert" in command:
+            seen.append(sorted(os.listdir(partial)) if partial.exists() else None)
+            os.makedirs(command[command.index("--out_dir") + 1])
+            (partial / "model.gin").write_text("ok")
+        return 0
+
+    assert sweep.execute(stage1, str(tmp_path), runner=runner) == "done"
+    assert seen == [None] and os.listdir(tmp_path / stage1.run_id / "export") == ["model.gin"]
+    other = next(r for r in study_lib.expand(_staged()) if r.stage == "pre" and r.run_id != stage1.run_id)
+    assert sweep.execute(other, str(tmp_path), runner=lambda command, log_path: 0) == "failed"
+    assert "export wrote nothing" in sweep.read_state(str(tmp_path), other.run_id)["error"]
