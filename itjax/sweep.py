@@ -383,6 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if os.path.exists(args.slurm):
                 raise ConfigError(f"--slurm {args.slurm}: the file exists; it is not overwritten. Remove it or pick "
                                   "another name.")
+            os.makedirs(os.path.join(args.out_dir, "slurm"), exist_ok=True)  # SLURM opens --output before the script
             with open(args.slurm, "w", encoding="utf-8") as f:
                 f.write(slurm_script(args, num_shards, st.name, len(runs), args.slurm_directive))
             os.chmod(args.slurm, 0o755)

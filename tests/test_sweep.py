@@ -194,6 +194,7 @@ def test_slurm_script(tmp_path, capsys):
     assert text.startswith("#!/bin/bash\n") and "#SBATCH --array=0-3\n" in text and "#SBATCH --gres=gpu:1\n" in text
     assert "-m itjax.sweep" in text and f"--out_dir={tmp_path / 's'}" in text
     assert '--shard "${SLURM_ARRAY_TASK_ID}/4"' in text and os.access(script, os.X_OK)
+    assert f"#SBATCH --output={tmp_path / 's' / 'slurm'}/%A_%a.log" in text and (tmp_path / "s" / "slurm").is_dir()
     assert sweep.main(args) == 2 and "not overwritten" in capsys.readouterr().err
     assert script.read_text() == text
 
