@@ -295,6 +295,14 @@ def execute(run: Run, study_dir: str, search_paths: Sequence[str] = (), runner: 
     return "done"
 
 
+def mark_planned(study_dir: str, runs: Sequence[Run]) -> int:
+    """Writes a 'planned' state file for every run that has none yet; returns how many were written."""
+    new = [run for run in runs if read_state(study_dir, run.run_id) is None]
+    for run in new:
+        record(study_dir, run, "planned")
+    return len(new)
+
+
 def write_plan(study_dir: str, st: study_lib.Study, runs: Sequence[Run]) -> str:
     """STUDY/study.json: the study's name and every run (id, stage, cell, depends_on); a different earlier plan is
     kept as study.<n>.json."""
@@ -401,6 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Runs of a study share shapes: one persistent JAX compilation cache lets later runs load instead of compile.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.out_dir), "jax_cache"))
     write_plan(args.out_dir, st, runs)
+    mark_planned(args.out_dir, mine)
     states = {}
     for i, run in enumerate(mine):
         print(f"[{i + 1}/{len(mine)}] {run.run_id} ...", flush=True)

@@ -93,6 +93,8 @@ def test_state_files_failures_and_rerun_skipping(tmp_path):
             os.makedirs(command[command.index("--out_dir") + 1])
         return 1 if bad else 0
 
+    assert sweep.mark_planned(str(tmp_path), runs) == len(runs) and sweep.mark_planned(str(tmp_path), runs) == 0
+    assert {sweep.read_state(str(tmp_path), r.run_id)["state"] for r in runs} == {"planned"}
     states = {r.run_id: sweep.execute(r, str(tmp_path), runner=fake_runner) for r in runs}
     # runs on the failed stage-1 run never start; the other 3 stage-1 runs are exported (one more command each)
     assert len(calls) == len(runs) - 3 + 3
