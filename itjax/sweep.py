@@ -177,9 +177,11 @@ def check_run(run: Run, study_dir: str, search_paths: Sequence[str] = ()) -> dic
                                   "exist; fix the study's start axis or study.variables.")
         steps, batch = int(_query("train.train_steps")), int(_query("train.batch_size"))
         lengths = dict(_query("train.task_feature_lengths"))
-    except (ConfigError, SuperNISplitError, SuperNITaskError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001  (any failure is this run's: name it, e.g. a required argument unbound)
         message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
         message = message.replace("(from --gin.* or --gin_bindings)", "(from the study's bindings)")
+        if not isinstance(e, (ConfigError, SuperNISplitError, SuperNITaskError)):
+            message = f"{type(e).__name__}: {message}"
         raise ConfigError(f"run {run.run_id}: {message}") from e
     finally:
         gin.clear_config()

@@ -172,6 +172,7 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
     ("'bad': {'x': ['train.no_such_option = 3']}", "axes", "train.no_such_option"),
     ("", "bindings", "/no/such/checkpoint"),
     ("'m': {'x': ['MIXTURE_OR_TASK_NAME = \"nope_mixture\"']}", "axes", "nope_mixture"),
+    ("'d': {'x': ['register_superni.data_dir = %gin.REQUIRED']}", "axes", "data_dir"),
 ])
 def test_dry_run_names_the_bad_task_binding_or_checkpoint(tmp_path, capsys, extra, kind, message):
     if kind == "axes":
