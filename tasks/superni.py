@@ -278,8 +278,7 @@ class _TaskData:
         if self._columns is not None:
             return len(self._columns[split]["id"])
         if self._counts is None:
-            counts = {k: len(v) for k, v in self._select(superni.load_task(self.path)).items()}
-            self._counts = counts
+            self._counts = {k: len(v) for k, v in self._select(superni.load_task(self.path)).items()}
         return self._counts[split]
 
     def dataset_fn(self, split: str, shuffle_files: bool = False, seed: Optional[int] = None) -> tf.data.Dataset:
