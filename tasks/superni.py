@@ -21,6 +21,16 @@ which other tasks are registered):
   validation instances never change with the train cap and never overlap the train split.
   Small-task rule (logged as a warning): validation takes at most half of a task's instances
   (`min(num_validation, n // 2)`), so a task with one instance has no validation example.
+* test tasks with `downstream_splits=True` (the downstream partition of Gupta 2023, "quick learners"): "test" is
+  as above but drawn only from `Instances[:100]`; "validation" is `Instances[100:100 + v]` and the train pool is
+  `Instances[100 + v:]` (never the test instances), "train" its first `num_downstream_train_instances` in a seeded
+  shuffle (None: all), so sizes 100 / 200 / 1000 / all are nested prefixes. v is
+  `num_downstream_validation_instances` (10). Small-task rule (one warning per task): with r = n - 100 instances
+  beyond the test set, v = min(10, r // 2) (validation shrinks first; train keeps the rest); a task with r = 0
+  (<= 100 instances) has an empty "train" and "validation" (all of it stays test): it has rate 0 in the test
+  mixture (evaluated, never trained on), and `superni_mixture(task=...)` for it fails naming the task.
+  With this option the test mixture's rates are examples-proportional on "train" (multi-task training on the
+  downstream tasks). From gin: itjax.tasks.superni_gin (`MIXTURE_OR_TASK_NAME = @superni_mixture()`).
 
 Features before tokenization (tf.string): inputs (rendered with itjax.data.superni.encode_tk_instruct),
 targets (first acceptable output), references [None] (all acceptable outputs), id, task_name, category (first of
@@ -49,7 +59,11 @@ logger = logging.getLogger(__name__)
 OFFICIAL_TEST_INSTANCES = 100  # upstream: the first 100 instances of a test task are its evaluation set
 TRAIN_TASK_SPLITS = ("train", "validation")
 TEST_TASK_SPLITS = ("test",)
+DOWNSTREAM_TASK_SPLITS = ("train", "validation", "test")
 _INVALID_NAME_CHARS = re.compile(r"[^\w.:]")
+
+
+_REGISTERED_TASK_DATA: dict[str, dict] = {}  # prefix -> {seqio task name: _TaskData} of the latest registration
 
 
 class SuperNISplitError(ValueError):
@@ -92,6 +106,43 @@ def select_test_instances(instances: Sequence[Any], cap: Optional[int], seed: in
     ordered = [head[i] for i in seeded_permutation(len(head), seed, task_name)]
     ordered += [tail[i] for i in seeded_permutation(len(tail), seed, task_name + "/rest")]
     return ordered if cap is None else ordered[:cap]
+
+
+def split_downstream_instances(
+    instances: Sequence[Any],
+    *,
+    num_validation: int,
+    cap: Optional[int],
+    seed: int,
+    task_name: str,
+    log: bool = True,
+) -> dict[str, list]:
+    """{"test", "validation", "train"} of a downstream (partitioned) test task; disjoint; train caps nested.
+
+    test: a seeded permutation of `Instances[:100]`; validation: `Instances[100:100 + v]` with
+    v = min(num_validation, r // 2), r = n - 100; train: the first `cap` (None: all) of a seeded permutation of
+    `Instances[100 + v:]`. Logs a warning for a task with fewer than 100 + 2 * num_validation instances.
+    """
+    head = list(instances[:OFFICIAL_TEST_INSTANCES])
+    rest = list(instances[OFFICIAL_TEST_INSTANCES:])
+    test = [head[i] for i in seeded_permutation(len(head), seed, task_name)]
+    n_val = min(num_validation, len(rest) // 2)
+    pool = rest[n_val:]
+    pool = [pool[i] for i in seeded_permutation(len(pool), seed, task_name + "/train")]
+    train = pool if cap is None else pool[:cap]
+    if log and not pool:
+        logger.warning(
+            "SuperNI test task %s has %d instances (<= %d): all are test, it gets no validation and NO train data "
+            "(rate 0 in the test mixture).", task_name, len(instances), OFFICIAL_TEST_INSTANCES)
+    elif log and n_val < num_validation:
+        logger.warning(
+            "SuperNI test task %s has %d instances: test gets the first %d, validation %d (min(%d, %d // 2), "
+            "validation shrinks first), train the other %d.", task_name, len(instances), OFFICIAL_TEST_INSTANCES,
+            n_val, num_validation, len(rest), len(pool))
+    elif log and cap is not None and len(pool) < cap:
+        logger.warning("SuperNI test task %s has %d train instances, fewer than the %d asked for: train gets all %d.",
+                       task_name, len(pool), cap, len(pool))
+    return {"test": test, "validation": rest[:n_val], "train": train}
 
 
 def num_train_instances(pool_size: int, cap: Optional[int], fraction: Optional[float]) -> int:
@@ -152,9 +203,18 @@ class SelectionConfig:
     max_num_instances_per_train_task: Optional[int] = None
     train_fraction: Optional[float] = None
     num_validation_instances_per_train_task: int = 10
+    downstream_splits: bool = False
+    num_downstream_train_instances: Optional[int] = None
+    num_downstream_validation_instances: int = 10
 
     def __post_init__(self):
-        for name in ("max_num_instances_per_task", "max_num_instances_per_train_task"):
+        if not self.downstream_splits and self.num_downstream_train_instances is not None:
+            raise SuperNISplitError("num_downstream_train_instances needs downstream_splits=True (test tasks get "
+                                    "train / validation / test splits only then).")
+        if self.num_downstream_validation_instances < 0:
+            raise SuperNISplitError("num_downstream_validation_instances must be >= 0.")
+        for name in ("max_num_instances_per_task", "max_num_instances_per_train_task",
+                     "num_downstream_train_instances"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SuperNISplitError(f"{name}={value!r}: use a positive integer, or None for all instances.")
@@ -173,13 +233,23 @@ class _TaskData:
     def __init__(self, path: str, is_test: bool, selection: SelectionConfig, encode_kwargs: dict):
         self.path, self.is_test, self.selection, self.encode_kwargs = path, is_test, selection, encode_kwargs
         self._columns: Optional[dict[str, dict[str, list]]] = None
+        self._counts: Optional[dict[str, int]] = None
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return TEST_TASK_SPLITS if self.is_test else TRAIN_TASK_SPLITS
+        if self.is_test:
+            return DOWNSTREAM_TASK_SPLITS if self.selection.downstream_splits else TEST_TASK_SPLITS
+        return TRAIN_TASK_SPLITS
 
     def _select(self, task: Mapping[str, Any]) -> dict[str, list]:
         s, name = self.selection, task["Task"]
+        if self.is_test and s.downstream_splits:  # logs its small-task rule once per task (counted or rendered)
+            splits = split_downstream_instances(task["Instances"], num_validation=s.num_downstream_validation_instances,
+                                                cap=s.num_downstream_train_instances, seed=s.seed, task_name=name,
+                                                log=self._counts is None)
+            if s.max_num_instances_per_task is not None:
+                splits["test"] = splits["test"][:s.max_num_instances_per_task]
+            return splits
         if self.is_test:
             return {"test": select_test_instances(task["Instances"], s.max_num_instances_per_task, s.seed, name)}
         return split_train_instances(
@@ -204,7 +274,12 @@ class _TaskData:
         return self._columns
 
     def num_examples(self, split: str) -> int:
-        return len(self.columns()[split]["id"])
+        """Examples of `split`; counts the selection without rendering prompts when they are not built yet."""
+        if self._columns is not None:
+            return len(self._columns[split]["id"])
+        if self._counts is None:
+            self._counts = {k: len(v) for k, v in self._select(superni.load_task(self.path)).items()}
+        return self._counts[split]
 
     def dataset_fn(self, split: str, shuffle_files: bool = False, seed: Optional[int] = None) -> tf.data.Dataset:
         """seqio FunctionDataSource signature; one in-memory 'file', so shuffle_files / seed do nothing."""
@@ -240,6 +315,7 @@ class SuperNIRegistration:
     selection: SelectionConfig
     encoding: dict[str, Any]
     task_data: dict[str, _TaskData] = dataclasses.field(repr=False)
+    prefix: str = "superni"
 
 
 def _encoding_kwargs(encoding: Union[str, Mapping[str, Any]], max_source_length: Optional[int],
@@ -307,6 +383,10 @@ def register_superni(
     prefix: str = "superni",
     missing_tasks: str = "error",
     validate: bool = False,
+    downstream_splits: bool = False,
+    num_downstream_train_instances: Optional[int] = None,
+    num_downstream_validation_instances: int = 10,
+    only_tasks: Optional[Sequence[str]] = None,
 ) -> SuperNIRegistration:
     """Registers one seqio Task per task of `splits/<split_name>` and the mixtures `<prefix>_<split_name>_train` /
     `<prefix>_<split_name>_test`. Calling it again with the same names replaces the earlier registration.
@@ -328,6 +408,13 @@ def register_superni(
       prefix: seqio name prefix of tasks and mixtures.
       missing_tasks: "error" (default) if a split list names a task without a file, or "skip" to register the rest.
       validate: load and check every task file now (default: on first use of each task).
+      downstream_splits: give test tasks "train" / "validation" / "test" splits (the downstream partition of the
+        module docstring: test = the official first 100, validation the next 10, train from the rest).
+      num_downstream_train_instances: with downstream_splits, each test task's "train" size (100, 200, 1000;
+        None: all); nested prefixes of one seeded order.
+      num_downstream_validation_instances: with downstream_splits, each test task's "validation" size (10).
+      only_tasks: register only these SuperNI task names of the split lists (e.g. a few test tasks for a small
+        study); a name in neither list is an error naming it.
     """
     if train_percentage is not None:
         if train_fraction is not None:
@@ -336,7 +423,8 @@ def register_superni(
     if missing_tasks not in ("error", "skip"):
         raise SuperNISplitError(f"missing_tasks={missing_tasks!r}: use 'error' or 'skip'.")
     selection = SelectionConfig(seed, max_num_instances_per_task, max_num_instances_per_train_task, train_fraction,
-                                num_validation_instances_per_train_task)
+                                num_validation_instances_per_train_task, downstream_splits,
+                                num_downstream_train_instances, num_downstream_validation_instances)
     vocabulary = _vocabulary(vocabulary)
     encode_kwargs = _encoding_kwargs(encoding, max_source_length, vocabulary)
     output_features = {
@@ -347,6 +435,12 @@ def register_superni(
     split_dir = os.path.join(data_dir, "splits", split_name)
     lists = {role: os.path.join(split_dir, f"{role}_tasks.txt") for role in ("train", "test")}
     names = {role: read_task_list(path) for role, path in lists.items()}
+    if only_tasks is not None:
+        unknown = [n for n in only_tasks if n not in set(names["train"]) | set(names["test"])]
+        if unknown:
+            raise SuperNISplitError(f"only_tasks names {', '.join(unknown)}, listed in neither {lists['train']} nor "
+                                    f"{lists['test']}; check the names.")
+        names = {role: [n for n in listed if n in set(only_tasks)] for role, listed in names.items()}
     overlap = sorted(set(names["train"]) & set(names["test"]))
     if overlap:
         raise SuperNISplitError(f"{split_dir}: tasks listed as both train and test: {', '.join(overlap[:5])}.")
@@ -368,16 +462,19 @@ def register_superni(
             task_data[name] = data
             registered[role].append(name)
 
+    _REGISTERED_TASK_DATA[prefix] = task_data
     train_mixture, test_mixture = f"{prefix}_{split_name}_train", f"{prefix}_{split_name}_test"
     # Examples-proportional rates (Tk-Instruct concatenates the capped train tasks); evaluated when sampled.
     _replace_mixture(train_mixture, registered["train"],
                      lambda task: float(task_data[task.name].num_examples("train")))
-    _replace_mixture(test_mixture, registered["test"], 1.0)
+    # Downstream partition: multi-task training on the test tasks mixes them examples-proportionally too.
+    _replace_mixture(test_mixture, registered["test"],
+                     (lambda task: float(task_data[task.name].num_examples("train"))) if downstream_splits else 1.0)
     logger.info("Registered SuperNI split %r: %d train / %d test tasks (%d missing), seed %d, %s, encoding %r.",
                 split_name, len(registered["train"]), len(registered["test"]), len(missing), seed, selection,
                 encoding)
     return SuperNIRegistration(train_mixture, test_mixture, registered["train"], registered["test"], missing,
-                               selection, dict(encode_kwargs), task_data)
+                               selection, dict(encode_kwargs), task_data, prefix)
 
 
 def _vocabulary(vocabulary: Optional[Union[seqio.Vocabulary, str]]) -> seqio.Vocabulary:
