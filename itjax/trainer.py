@@ -128,29 +128,33 @@ class Trainer:
 
     def init_base_params(self):
         """peft: freshly initialised base weights (the plain model's, from `seed`, as `prepare_base` stores them),
-        in their shardings."""
-        return self.prepare_base(self.init_plain_base_params())
+        in their shardings. A quantized base is initialised and quantized in one program (no float32 copy kept)."""
+        if not self.base_is_transformed:
+            return self.init_plain_base_params()
+        return jax.jit(lambda: self._transform_base(self._plain_init()), out_shardings=self.base_shardings)()
+
+    def _plain_init(self):
+        return nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
 
     def init_plain_base_params(self):
         """peft: the plain model's freshly initialised parameters (from `seed`), in `plain_base_shardings`."""
-        def init():
-            return nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
-        return jax.jit(init, out_shardings=self.plain_base_shardings)()
+        return jax.jit(self._plain_init, out_shardings=self.plain_base_shardings)()
 
     def prepare_base(self, plain):
         """peft: the frozen base as the method stores it, from the plain model's parameters `plain` (a pure dict
         like `abstract_plain_base_params`): unchanged, or quantized (LoRA.base_quantization)."""
         if not self.base_is_transformed:
             return plain
-
-        def transform(base):
-            module = self.model.make_module(self.seed)  # random values are replaced: XLA drops them
-            state = nnx.state(module, nnx.Param)
-            nnx.replace_by_pure_dict(state, base)
-            nnx.update(module, state)
-            return nnx.to_pure_dict(nnx.split(self._peft_module(module), peft_core.AdapterParam, nnx.Param)[2])
-        return jax.jit(transform, in_shardings=(self.plain_base_shardings,),
+        return jax.jit(self._transform_base, in_shardings=(self.plain_base_shardings,),
                        out_shardings=self.base_shardings)(plain)
+
+    def _transform_base(self, base):
+        """Traced: the method's surgery on the plain model holding `base`; its frozen part (a pure dict)."""
+        module = self.model.make_module(self.seed)  # random values are replaced: XLA drops them
+        state = nnx.state(module, nnx.Param)
+        nnx.replace_by_pure_dict(state, base)
+        nnx.update(module, state)
+        return nnx.to_pure_dict(nnx.split(self._peft_module(module), peft_core.AdapterParam, nnx.Param)[2])
 
     def init_state(self) -> TrainState:
         """Freshly initialised parameters and optimizer state, created directly in their shardings.

@@ -3,6 +3,7 @@
 The quantizer is checked against an independent numpy round-to-nearest, the NF4 table against the published one;
 the quantized model against LoRA on the dequantized float32 base; layout (8 fake devices, scan_layers), the saved
 residuals of the backward pass, training, export and the refusals on the quickstart T5 / a tiny HF Llama.
+Tests that compile a train or forward step are marked slow (the full suite runs them).
 """
 
 import json
@@ -144,6 +145,7 @@ def nf4_run(t5):
     return trainer, before, state, losses
 
 
+@pytest.mark.slow  # trains / compiles the model (the fast tier keeps the unit tests)
 def test_quantized_base_trains_only_the_adapter(nf4_run):
     trainer, before, state, losses = nf4_run
     assert losses[-1] < losses[0] - 0.3, losses
@@ -160,6 +162,7 @@ def test_quantized_base_trains_only_the_adapter(nf4_run):
     assert kernel_bytes / count == pytest.approx(0.5 + 1 / 64, abs=0.01)
 
 
+@pytest.mark.slow  # trains / compiles the model (the fast tier keeps the unit tests)
 def test_quantized_layer_equals_lora_on_the_dequantized_base(t5, nf4_run):
     model, batches = t5
     trainer, _, state, _ = nf4_run
@@ -195,6 +198,7 @@ def test_backward_keeps_no_full_precision_base_kernel(t5, monkeypatch):
     assert len(kernel_copies()) >= 8
 
 
+@pytest.mark.slow  # trains / compiles the model (the fast tier keeps the unit tests)
 def test_sharded_and_scanned_base_holds_whole_blocks(t5, nf4_run):
     model, batches = t5
     trainer, _, state, _ = nf4_run
