@@ -105,6 +105,8 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
         "optimizer_bytes_per_device": per_device_bytes(trainer.abstract_state["opt_state"]),
         "saved_activation_bytes_global": saved_activation_bytes(trainer, batch),
     }
+    if trainer.abstract_base_params is not None:  # PEFT: the frozen weights as stored (QLoRA: quantized)
+        figures["frozen_base_bytes_per_device"] = per_device_bytes(trainer.abstract_base_params)
     if memory is not None:
         figures.update({
             "compiled_argument_bytes": int(memory.argument_size_in_bytes),

@@ -180,10 +180,13 @@ def test_quantized_layer_equals_lora_on_the_dequantized_base(t5, nf4_run):
         kernel).max()
 
 
-def test_backward_keeps_no_full_precision_base_kernel(t5, monkeypatch):
-    model, _ = t5
+@pytest.mark.parametrize("fmt,scan", [("int8", False), ("nf4", True)])
+def test_backward_keeps_no_full_precision_base_kernel(fmt, scan, monkeypatch):
+    """The dry run's saved residuals of the train loss hold no float array shaped like a base kernel (in a
+    scan_layers stack: like the stacked kernel, one per scanned layer)."""
+    model = _model(f"T5Config.scan_layers = {scan}")
     trainer = Trainer(model, optax.adam(1e-2), Partitioner(devices=ONE_DEVICE),
-                      peft=LoRA(rank=4, alpha=8.0, base_quantization="int8"))
+                      peft=LoRA(rank=4, alpha=8.0, base_quantization=fmt))
     batch = dry_run.abstract_batch(model.feature_converter(pack=False), LENGTHS, BATCH,
                                    trainer.partitioner.batch_sharding)
     kernels = {tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(trainer.abstract_plain_base_params)[0]
@@ -195,7 +198,7 @@ def test_backward_keeps_no_full_precision_base_kernel(t5, monkeypatch):
     assert kernel_copies() == []
     # The check can fail: without the checkpoint around dequantize + matmul the dequantized kernels are kept.
     monkeypatch.setattr(quantization.jax, "checkpoint", lambda f, **kwargs: f)
-    assert len(kernel_copies()) >= 8
+    assert len(kernel_copies()) >= 4
 
 
 @pytest.mark.slow  # trains / compiles the model (the fast tier keeps the unit tests)
