@@ -423,13 +423,13 @@ def restore_peft_base(trainer, initial_checkpoint_path: str | None, saved_pointe
     """
     path = initial_checkpoint_path or (saved_pointer or {}).get("path")
     if path:
-        base = restore_initial_params(path, trainer.abstract_base_params)
+        base = restore_initial_params(path, trainer.abstract_plain_base_params)
         path = absolute(path)
     else:
-        base = trainer.init_base_params()
+        base = trainer.init_plain_base_params()
     pointer = {"path": path, "seed": None if path else trainer.seed, "fingerprint": base_fingerprint(base)}
     if saved_pointer is not None:
         check_base_fingerprint(saved_pointer["fingerprint"], pointer["fingerprint"],
                                f"base {path or f'initialised from seed {trainer.seed}'}")
-    trainer.base_params = base
+    trainer.base_params = trainer.prepare_base(base)  # QLoRA: quantized here (the pointer names the float32 base)
     return pointer

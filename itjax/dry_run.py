@@ -38,9 +38,10 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
-def residual_bytes(f, params, *args) -> int:
-    """Bytes of the values the backward pass of `f(params, *args)` (w.r.t. params) keeps from the forward pass,
-    not counting those that are the arguments themselves; traced abstractly (args may be ShapeDtypeStructs).
+def saved_residuals(f, params, *args) -> list:
+    """The values (abstract: shape and dtype) the backward pass of `f(params, *args)` (w.r.t. params) keeps from
+    the forward pass, not counting those that are the arguments themselves; traced abstractly (args may be
+    ShapeDtypeStructs).
 
     The residuals are the leaves of the function `jax.vjp` returns; each distinct value counts once (what
     `jax.ad_checkpoint.print_saved_residuals` lists, less its "from the argument" lines).
@@ -58,13 +59,19 @@ def residual_bytes(f, params, *args) -> int:
     through = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns if e.primitive.name == "reduce_precision"}
     literals = [v for v in outputs if isinstance(v, jax.extend.core.Literal)]
     kept = {through.get(v, v) for v in outputs if not isinstance(v, jax.extend.core.Literal)} - set(jaxpr.invars)
-    return sum(math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize for v in [*kept, *literals])
+    return [v.aval for v in [*kept, *literals]]
 
 
-def saved_activation_bytes(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeStruct]) -> int:
-    """Bytes of activations the train step's backward pass keeps from its forward pass (whole global batch, all
-    devices): residuals of `Trainer.train_loss`, the loss the step differentiates (dropout and adapter dropout
-    included when on; with PEFT the frozen base is a constant of it).
+def residual_bytes(f, params, *args) -> int:
+    """Bytes of `saved_residuals(f, params, *args)`."""
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in saved_residuals(f, params, *args))
+
+
+def train_residuals(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeStruct]) -> list:
+    """The activations (abstract values) the train step's backward pass keeps from its forward pass (whole global
+    batch): residuals of `Trainer.train_loss`, the loss the step differentiates (dropout and adapter dropout
+    included when on; with PEFT the frozen base is a constant of it, so a value computed from it, such as a
+    dequantized QLoRA kernel, is a residual when the backward pass keeps it).
 
     This is what `remat_policy` changes; the residuals are traced abstractly (no weights allocated).
     """
@@ -74,7 +81,12 @@ def saved_activation_bytes(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeS
         return trainer.train_loss(params, batch, jnp.zeros((), jnp.int32), base)[0]
 
     with trainer.partitioner.axis_rules():
-        return residual_bytes(loss, trainer.abstract_state["params"], dict(batch), base)
+        return saved_residuals(loss, trainer.abstract_state["params"], dict(batch), base)
+
+
+def saved_activation_bytes(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeStruct]) -> int:
+    """Bytes of `train_residuals(trainer, batch)` (all devices together)."""
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in train_residuals(trainer, batch))
 
 
 def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool) -> dict:
@@ -94,6 +106,8 @@ def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size
         "optimizer_bytes_per_device": per_device_bytes(trainer.abstract_state["opt_state"]),
         "saved_activation_bytes_global": saved_activation_bytes(trainer, batch),
     }
+    if trainer.abstract_base_params is not None:  # PEFT: the frozen weights as stored (QLoRA: quantized)
+        figures["frozen_base_bytes_per_device"] = per_device_bytes(trainer.abstract_base_params)
     if memory is not None:
         figures.update({
             "compiled_argument_bytes": int(memory.argument_size_in_bytes),

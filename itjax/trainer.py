@@ -70,6 +70,15 @@ class Trainer:
             self.abstract_base_params = jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract_base),
                 self.base_shardings)
+            peft.check_layout(self.abstract_base_params)
+            # The plain model's parameters, what checkpoints hold; the method may store them otherwise (QLoRA).
+            plain = nnx.split(model.abstract_module(seed), nnx.Param)[1]
+            self.plain_base_shardings = partitioner.param_shardings(logical_axes_of(plain))
+            self.abstract_plain_base_params = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(plain),
+                self.plain_base_shardings)
+            self.base_is_transformed = (jax.tree.structure(self.abstract_plain_base_params)
+                                        != jax.tree.structure(self.abstract_base_params))
         param_axes = logical_axes_of(abstract_params)
         abstract_params = nnx.to_pure_dict(abstract_params)
         self.param_shardings = partitioner.param_shardings(param_axes)
@@ -96,7 +105,7 @@ class Trainer:
     @property
     def num_params(self) -> int:
         """All parameters of the model (with peft: adapter + frozen base)."""
-        base = jax.tree.leaves(self.abstract_base_params) if self.peft is not None else []
+        base = jax.tree.leaves(self.abstract_plain_base_params) if self.peft is not None else []
         return self.num_trainable_params + sum(int(np.prod(x.shape)) for x in base)
 
     @property
@@ -125,10 +134,34 @@ class Trainer:
         return self.peft.apply(module, nnx.Rngs(params=jax.random.fold_in(jax.random.key(self.seed), 2)))
 
     def init_base_params(self):
-        """peft: freshly initialised base weights (the plain model's, from `seed`), in their shardings."""
-        def init():
-            return nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
-        return jax.jit(init, out_shardings=self.base_shardings)()
+        """peft: freshly initialised base weights (the plain model's, from `seed`, as `prepare_base` stores them),
+        in their shardings. A quantized base is initialised and quantized in one program (no float32 copy kept)."""
+        if not self.base_is_transformed:
+            return self.init_plain_base_params()
+        return jax.jit(lambda: self._transform_base(self._plain_init()), out_shardings=self.base_shardings)()
+
+    def _plain_init(self):
+        return nnx.to_pure_dict(nnx.split(self.model.make_module(self.seed), nnx.Param)[1])
+
+    def init_plain_base_params(self):
+        """peft: the plain model's freshly initialised parameters (from `seed`), in `plain_base_shardings`."""
+        return jax.jit(self._plain_init, out_shardings=self.plain_base_shardings)()
+
+    def prepare_base(self, plain):
+        """peft: the frozen base as the method stores it, from the plain model's parameters `plain` (a pure dict
+        like `abstract_plain_base_params`): unchanged, or quantized (LoRA.base_quantization)."""
+        if not self.base_is_transformed:
+            return plain
+        return jax.jit(self._transform_base, in_shardings=(self.plain_base_shardings,),
+                       out_shardings=self.base_shardings)(plain)
+
+    def _transform_base(self, base):
+        """Traced: the method's surgery on the plain model holding `base`; its frozen part (a pure dict)."""
+        module = self.model.make_module(self.seed)  # random values are replaced: XLA drops them
+        state = nnx.state(module, nnx.Param)
+        nnx.replace_by_pure_dict(state, base)
+        nnx.update(module, state)
+        return nnx.to_pure_dict(nnx.split(self._peft_module(module), peft_core.AdapterParam, nnx.Param)[2])
 
     def init_state(self) -> TrainState:
         """Freshly initialised parameters and optimizer state, created directly in their shardings.
@@ -146,9 +179,10 @@ class Trainer:
 
         def init_adapter(base):
             module = self.model.make_module(self.seed)  # random base values are dead code: XLA drops them
-            state = nnx.state(module, nnx.Param)
-            nnx.replace_by_pure_dict(state, base)
-            nnx.update(module, state)
+            if not self.base_is_transformed:  # a quantized base is not the plain module's (LoRA's init ignores it)
+                state = nnx.state(module, nnx.Param)
+                nnx.replace_by_pure_dict(state, base)
+                nnx.update(module, state)
             params = nnx.to_pure_dict(nnx.split(self._peft_module(module), peft_core.AdapterParam, nnx.Param)[1])
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
         return jax.jit(init_adapter, in_shardings=(self.base_shardings,),

@@ -155,6 +155,7 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
         extra_specs = eval_specs.parse_extra_evals(extra_evals, main=main_eval, eval_period=eval_period)
     log.info("Mesh %s, %d devices, %d process(es).", dict(partitioner.mesh.shape), jax.device_count(),
              jax.process_count())
+    peft_lib.quantization.check_quantization_bindings(peft)
     if peft is not None:
         peft.check(task_feature_lengths, pack, task)
     trainer = Trainer(model, optimizer, partitioner, learning_rate_fn=learning_rate_fn, peft=peft,

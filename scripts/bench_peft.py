@@ -1,5 +1,9 @@
 """Benchmark: full fine-tuning vs each PEFT method on one model size: trainable parameters, optimizer-state bytes,
-peak host memory and step time.
+frozen-weight bytes per parameter, peak host memory and step time.
+
+`nf4` / `int8` are LoRA (q, v) on a quantized frozen base (QLoRA, `LoRA.base_quantization`): "base B/param" is the
+bytes of the frozen weights' device buffers per frozen parameter (embeddings and lm_head stay float32), "quantized
+B/param" the same over the quantized Dense kernels only (NF4 double-quantized ~0.52, int8 ~1, float32 4).
 
 Each configuration runs in a fresh subprocess (peak RSS, `resource.getrusage(...).ru_maxrss`, is per process and
 includes the JAX runtime and compilation). Random tokens, no input pipeline; fp32, one CPU device, AdamW (the usual
@@ -26,6 +30,8 @@ METHODS = {
     "prompt_tuning": "PromptTuning(length=20, init='vocab')",
     "prefix_tuning": "PrefixTuning(length=20)",
     "ia3": "IA3()",
+    "nf4": "LoRA(rank=8, alpha=16.0, base_quantization='nf4')",
+    "int8": "LoRA(rank=8, alpha=16.0, base_quantization='int8')",
 }
 
 
@@ -39,6 +45,7 @@ def run_one(args) -> dict:
     from itjax import optimizers
     from itjax import peft
     from itjax.partitioning import Partitioner
+    from itjax.peft import quantization
     from itjax.trainer import Trainer
     import itjax.training  # noqa: F401  (registers gin configurables)
     from bench_train_step import random_t5_batch  # this script's folder is on sys.path
@@ -57,8 +64,18 @@ def run_one(args) -> dict:
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+    if method is None:
+        base_bytes, base_count = quantization.device_bytes(state["params"]), trainer.num_params
+        kernel_bytes, kernel_count = 0, 0
+    else:
+        base_bytes = quantization.device_bytes(trainer.base_params)
+        base_count = trainer.num_params - trainer.num_trainable_params
+        kernel_bytes, kernel_count = quantization.quantized_kernel_bytes(trainer.base_params,
+                                                                         trainer.abstract_plain_base_params)
     return {
         "method": args.method,
+        "base_bytes_per_param": base_bytes / base_count,
+        "quantized_bytes_per_param": kernel_bytes / kernel_count if kernel_count else None,
         "total_params": trainer.num_params,
         "trainable_params": trainer.num_trainable_params,
         "optimizer_state_bytes": trainer.optimizer_state_bytes,
@@ -70,12 +87,15 @@ def run_one(args) -> dict:
 
 def table(rows: list[dict], tokens_per_step: int) -> str:
     full = next((r for r in rows if r["method"] == "full"), rows[0])
-    lines = ["| method | trainable params | % of model | optimizer state | peak host memory | step time | tokens/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | trainable params | % of model | optimizer state | base B/param | quantized B/param | "
+             "peak host memory | step time | tokens/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        quantized = "-" if r["quantized_bytes_per_param"] is None else f"{r['quantized_bytes_per_param']:.3f}"
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.3f} | "
-            f"{r['optimizer_state_bytes'] / 2**20:,.1f} MiB | {r['peak_rss_bytes'] / 2**30:.2f} GiB "
+            f"{r['optimizer_state_bytes'] / 2**20:,.1f} MiB | {r['base_bytes_per_param']:.3f} | {quantized} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB "
             f"({r['peak_rss_bytes'] / full['peak_rss_bytes']:.2f}x) | {r['step_seconds'] * 1000:.0f} ms | "
             f"{tokens_per_step / r['step_seconds']:,.0f} |")
     return "\n".join(lines)

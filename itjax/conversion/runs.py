@@ -61,7 +61,7 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
     require_lora: refuse anything but a LoRA run (`--merge_lora`).
     """
     from itjax.models import scan
-    from itjax.peft import LoRA, merge_lora
+    from itjax.peft import LoRA, merge_lora, quantization
     from itjax.peft.export import save_peft_adapter
 
     folders.require_empty_dir(out_dir, "--out_dir")
@@ -80,7 +80,8 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
     elif isinstance(peft, LoRA):
         if peft_out:
             save_peft_adapter(peft_out, loaded.params, peft, base_model_name_or_path=loaded.initial_checkpoint_path)
-        params = scan.unstack_layers(merge_lora(loaded.base_params, loaded.params, alpha=peft.alpha))
+        base = quantization.plain_base_params(loaded.trainer, loaded.params)  # QLoRA: the dequantized base
+        params = scan.unstack_layers(merge_lora(base, loaded.params, alpha=peft.alpha))
         what = f"LoRA merged ({peft!r})"
     else:
         raise ConversionError(f"{model_dir} trained {peft!r}: only full fine-tuning and LoRA runs export to a plain "

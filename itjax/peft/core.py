@@ -59,6 +59,11 @@ class PeftMethod(abc.ABC):
     def check(self, task_feature_lengths: dict, pack: bool, task=None) -> None:
         del task_feature_lengths, pack, task
 
+    def check_layout(self, abstract_base) -> None:
+        """Raises PeftConfigError when the frozen base as the method stores it (ShapeDtypeStructs carrying their
+        mesh shardings) cannot be laid out (QLoRA: a shard would split a quantization block)."""
+        del abstract_base
+
 
 # ------------------------------------------------------------------------------------------------ targets
 def path_name(path: tuple) -> str:

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from itjax.models import scan
+from itjax.peft import quantization
 from itjax.peft.core import PeftConfigError, path_name
 from itjax.peft.lora import LoRA, lora_layers
 
@@ -109,7 +110,8 @@ def load_lora_run(model_dir: str, step: int | None = None):
     """(base params, adapter params, LoRA settings, model) of a LoRA training run in MODEL_DIR, as host arrays.
 
     Restores only the adapter of the checkpoint at `step` (default: the latest) and the base weights its pointer
-    names (`itjax.runs.load`, which also checks the base against the adapter's fingerprint). This is what
+    names (`itjax.runs.load`, which also checks the base against the adapter's fingerprint; a QLoRA base comes back
+    dequantized, the weights the adapter was trained on). This is what
     `itjax.convert --merge_lora` / `--peft_out` start from.
     """
     from itjax import runs
@@ -118,4 +120,5 @@ def load_lora_run(model_dir: str, step: int | None = None):
     if loaded.kind != runs.RUN or not isinstance(loaded.peft, LoRA):
         raise PeftConfigError(f"{model_dir} is not a LoRA run (train.peft = {loaded.peft!r}); only LoRA adapters "
                               "merge into the base weights or export to peft.")
-    return jax.device_get(loaded.base_params), jax.device_get(loaded.params), loaded.peft, loaded.model
+    base = quantization.plain_base_params(loaded.trainer, loaded.params)  # QLoRA: the dequantized base
+    return jax.device_get(base), jax.device_get(loaded.params), loaded.peft, loaded.model

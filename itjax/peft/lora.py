@@ -9,6 +9,12 @@ Surgery replaces each targeted `Dense` by a `LoRADense` that adopts the layer's 
 (peft's / torch Linear's kaiming_uniform(a=sqrt(5)) for A, zeros for B). Dropout (`LoRA.dropout`) is applied to
 the adapter's input only, as in peft. Target names are the layers' attribute names: q, k, v, o, wi / wi_0, wi_1,
 wo, lm_head for T5; q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head for Llama.
+
+QLoRA (`LoRA.base_quantization = 'nf4' | 'int8'`, gin/peft/qlora.gin): every frozen Dense kernel except `lm_head`
+is stored quantized (`itjax.peft.quantization`): a targeted layer's base is `.../q/qkernel/{codes, scales...}`
+instead of `.../q/kernel`, an untargeted layer becomes a `QuantizedDense`. The base is quantized from the plain
+model's float32 parameters when the trainer loads them (`Trainer.prepare_base`), so checkpoints keep pointing to the
+float32 base.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from flax import nnx
 
 from itjax import param_paths
 from itjax.models.layers import Dense, dropout
-from itjax.peft import core
+from itjax.peft import core, quantization
 from itjax.peft.core import AdapterParam, PeftConfigError
 from itjax.peft.core import model_family  # noqa: F401  (its former home; now in core, for every method)
 
@@ -36,8 +42,11 @@ class LoRADense(Dense):
     """A Dense / Projection with a low-rank trainable update. Base variables are the replaced layer's own."""
 
     def __init__(self, base: Dense, *, rank: int, alpha: float, dropout_rate: float, layer_id: int,
-                 rngs: nnx.Rngs, where: str):
-        core.adopt_dense(self, base)
+                 rngs: nnx.Rngs, where: str, quantization_spec: dict | None = None):
+        if quantization_spec is None:
+            core.adopt_dense(self, base)
+        else:
+            quantization.quantize_layer(self, base, quantization_spec, where)
         in_shape, out_shape, stack = core.in_shape(base), core.out_shape(base), core.stack_shape(base)
         fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
         if rank > min(fan_in, fan_out):
@@ -56,7 +65,7 @@ class LoRADense(Dense):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., *in_dims] -> [..., *out_dims] in `dtype`."""
-        y = core.dense_forward(self, x)
+        y = quantization.base_forward(self, x)
         h = dropout(x.astype(self.dtype), self.dropout_rate, core.dropout_key(self.layer_id))
         n = self.num_in_dims
         a = self.lora_a[...].astype(self.dtype)
@@ -74,12 +83,19 @@ class LoRA(core.PeftMethod):
       alpha: the update is scaled by alpha / rank (peft's `lora_alpha`).
       dropout: dropout rate on the adapter's input during training (peft's `lora_dropout`).
       target_modules: layer names (see the module docstring); None = the query and value projections.
+      base_quantization: None (float32 base), 'nf4' (QLoRA: 4-bit NormalFloat blocks) or 'int8' (per output
+        channel absmax): how every frozen Dense kernel but `lm_head` is stored.
+      quantization_block_size: NF4 block length along the contraction dims (QLoRA: 64); must divide every
+        quantized layer's number of inputs.
+      double_quantization: NF4 only: quantize the block scales again (int8 per group of up to 256, QLoRA's
+        double quantization; ~0.516 instead of 0.5625 bytes per parameter). None = True for 'nf4'.
     """
 
     name = "lora"
 
     def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 target_modules: Sequence[str] | None = None):
+                 target_modules: Sequence[str] | None = None, base_quantization: str | None = None,
+                 quantization_block_size: int = 64, double_quantization: bool | None = None):
         if rank < 1:
             raise PeftConfigError(f"LoRA.rank={rank}; it must be a positive integer.")
         if not 0.0 <= dropout < 1.0:
@@ -88,24 +104,55 @@ class LoRA(core.PeftMethod):
         self.alpha = float(alpha)
         self.dropout_rate = float(dropout)
         self.target_modules = None if target_modules is None else tuple(target_modules)
+        if base_quantization not in (None,) + quantization.FORMATS:
+            raise PeftConfigError(f"LoRA.base_quantization={base_quantization!r}; expected None, 'nf4' or 'int8'.")
+        if base_quantization == "nf4" and (quantization_block_size < 2 or quantization_block_size % 2):
+            raise PeftConfigError(f"LoRA.quantization_block_size={quantization_block_size}; it must be an even "
+                                  "number >= 2 (QLoRA uses 64).")
+        if double_quantization and base_quantization != "nf4":
+            raise PeftConfigError(f"LoRA.double_quantization=True applies to LoRA.base_quantization='nf4' only "
+                                  f"(it is {base_quantization!r}); leave it unset.")
+        self.base_quantization = base_quantization
+        self.quantization_block_size = int(quantization_block_size)
+        self.double_quantization = base_quantization == "nf4" and double_quantization is not False
 
     def __repr__(self) -> str:
+        quantized = "" if self.base_quantization is None else (
+            f", base_quantization={self.base_quantization!r}" + (
+                f", quantization_block_size={self.quantization_block_size}, "
+                f"double_quantization={self.double_quantization}" if self.base_quantization == "nf4" else ""))
         return (f"LoRA(rank={self.rank}, alpha={self.alpha}, dropout={self.dropout_rate}, "
-                f"target_modules={self.target_modules})")
+                f"target_modules={self.target_modules}{quantized})")
+
+    @property
+    def quantization_spec(self) -> dict | None:
+        """{"fmt", "block_size", "double"} of the frozen base, or None for a float32 base."""
+        if self.base_quantization is None:
+            return None
+        return {"fmt": self.base_quantization, "block_size": self.quantization_block_size,
+                "double": self.double_quantization}
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def check_layout(self, abstract_base) -> None:
+        if self.base_quantization is not None:
+            quantization.check_block_sharding(abstract_base, self.base_quantization)
 
     def targets_for(self, module: nnx.Module) -> tuple[str, ...]:
         return self.target_modules or DEFAULT_TARGETS[core.model_family(module)]
 
     def apply(self, module: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
         targets = core.find_targets(module, self.targets_for(module), "LoRA.target_modules")
+        spec = self.quantization_spec
         for layer_id, (path, layer) in enumerate(sorted(targets.items(), key=lambda kv: core.path_name(kv[0]))):
             core.replace(module, path, LoRADense(layer, rank=self.rank, alpha=self.alpha,
                                                  dropout_rate=self.dropout_rate, layer_id=layer_id, rngs=rngs,
-                                                 where=core.path_name(path)))
+                                                 where=core.path_name(path),
+                                                 quantization_spec=None if path == ("lm_head",) else spec))
+        if spec is not None:
+            quantization.quantize_frozen_layers(module, spec)
         return module
 
 
