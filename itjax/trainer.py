@@ -116,7 +116,7 @@ class Trainer:
 
     def train_step_flops(self, batch_shapes: Mapping[str, tuple[int, ...]]) -> float:
         """Model FLOPs of one train step on a global batch of these feature shapes (`itjax.flops`)."""
-        frozen = self.abstract_base_params if self.peft is not None else None
+        frozen = self.abstract_plain_base_params if self.peft is not None else None  # float32 shapes
         return flops.train_step_flops(self.model.attention_shape(), self.abstract_state["params"], frozen,
                                       batch_shapes)
 
