@@ -46,6 +46,7 @@ import seqio
 import tensorflow as tf
 
 from itjax.metrics import BBH_ANSWER_PHRASE, BBH_STOP, bbh_answer, macro_average, strict_exact_match
+from itjax.tasks import common
 from itjax.tasks.prompt_length import length_check
 
 logger = logging.getLogger(__name__)
@@ -202,24 +203,6 @@ class BBHRegistration:
     prompts: dict[str, FewShotPrompt] = dataclasses.field(repr=False)
 
 
-def _vocabulary(vocabulary: Optional[Union[seqio.Vocabulary, str]]) -> seqio.Vocabulary:
-    if vocabulary is None:
-        from itjax.tasks import quickstart  # the embedded vocabulary (offline); imported lazily
-
-        return quickstart.get_vocabulary()
-    if isinstance(vocabulary, str):
-        if not os.path.isfile(vocabulary):
-            raise BBHDataError(f"vocabulary={vocabulary!r}: no SentencePiece model file at that path.")
-        return seqio.SentencePieceVocabulary(vocabulary)
-    return vocabulary
-
-
-def _replace(registry, name: str, **kwargs) -> None:
-    if name in registry.names():  # re-registration replaces (seqio raises on duplicates)
-        registry.remove(name)
-    registry.add(name, **kwargs)
-
-
 @gin.configurable
 def register_bbh(data_dir: str, *, tasks: Optional[Sequence[str]] = None, styles: Sequence[str] = STYLES,
                  vocabulary: Optional[Union[seqio.Vocabulary, str]] = None, inputs_add_eos: bool = True,
@@ -245,7 +228,7 @@ def register_bbh(data_dir: str, *, tasks: Optional[Sequence[str]] = None, styles
     if unknown or not styles:
         raise ValueError(f"register_bbh(styles={list(styles)!r}): use 'cot' and / or 'direct'.")
     names = list(tasks) if tasks is not None else task_names(data_dir)
-    vocabulary = _vocabulary(vocabulary)
+    vocabulary = common.vocabulary_from(vocabulary, BBHDataError)
     features = {"inputs": seqio.Feature(vocabulary=vocabulary, add_eos=inputs_add_eos, required=True),
                 "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=True)}
     registered: dict[str, list[str]] = {style: [] for style in styles}
@@ -260,18 +243,19 @@ def register_bbh(data_dir: str, *, tasks: Optional[Sequence[str]] = None, styles
             source = seqio.FunctionDataSource(
                 functools.partial(_dataset_fn, prompts=[build(ex["input"]) for ex in examples],
                                   targets=[ex["target"] for ex in examples], name=name), splits=(SPLIT,))
-            _replace(seqio.TaskRegistry, name, source=source, output_features=features,
-                     preprocessors=[seqio.preprocessors.tokenize, length_check(name),
-                                    seqio.preprocessors.append_eos_after_trim],
-                     postprocess_fn=functools.partial(postprocess, chain_of_thought=style == "cot",
-                                                      stop_strings=tuple(stop_strings)),
-                     metric_fns=[strict_exact_match])
+            common.replace_in_registry(seqio.TaskRegistry, name, source=source, output_features=features,
+                                       preprocessors=[seqio.preprocessors.tokenize, length_check(name),
+                                                      seqio.preprocessors.append_eos_after_trim],
+                                       postprocess_fn=functools.partial(postprocess, chain_of_thought=style == "cot",
+                                                                        stop_strings=tuple(stop_strings)),
+                                       metric_fns=[strict_exact_match])
             _TASK_STYLES[name] = style
             registered[style].append(name)
     mixtures = {}
     for style in styles:
         mixtures[style] = f"{prefix}_{style}"
-        _replace(seqio.MixtureRegistry, mixtures[style], tasks=registered[style], default_rate=1.0)
+        common.replace_in_registry(seqio.MixtureRegistry, mixtures[style], tasks=registered[style],
+                                   default_rate=1.0)
     logger.info("Registered %d BBH tasks (%s) from %s.", len(names), ", ".join(styles), data_dir)
     return BBHRegistration(registered, mixtures, prompts)
 

@@ -44,7 +44,7 @@ import gin
 import seqio
 import tensorflow as tf
 
-from itjax.tasks import p3
+from itjax.tasks import common, p3
 from itjax.tasks.prompt_length import length_check
 
 logger = logging.getLogger(__name__)
@@ -226,24 +226,6 @@ class MMLURegistration:
     subjects: dict[str, str]
 
 
-def _vocabulary(vocabulary: Optional[Union[seqio.Vocabulary, str]]) -> seqio.Vocabulary:
-    if vocabulary is None:
-        from itjax.tasks import quickstart  # the embedded vocabulary (offline); imported lazily
-
-        return quickstart.get_vocabulary()
-    if isinstance(vocabulary, str):
-        if not os.path.isfile(vocabulary):
-            raise MMLUDataError(f"vocabulary={vocabulary!r}: no SentencePiece model file at that path.")
-        return seqio.SentencePieceVocabulary(vocabulary)
-    return vocabulary
-
-
-def _replace(registry, name: str, **kwargs) -> None:
-    if name in registry.names():  # re-registration replaces (seqio raises on duplicates)
-        registry.remove(name)
-    registry.add(name, **kwargs)
-
-
 @gin.configurable
 def register_mmlu(data_dir: str, *, subjects: Optional[Sequence[str]] = None, num_shots: int = NUM_SHOTS,
                   vocabulary: Optional[Union[seqio.Vocabulary, str]] = None, inputs_add_eos: bool = True,
@@ -265,7 +247,7 @@ def register_mmlu(data_dir: str, *, subjects: Optional[Sequence[str]] = None, nu
     """
     folder = _data_folder(data_dir)
     names = list(subjects) if subjects is not None else subjects_in(data_dir)
-    vocabulary = _vocabulary(vocabulary)
+    vocabulary = common.vocabulary_from(vocabulary, MMLUDataError)
     features = {"inputs": seqio.Feature(vocabulary=vocabulary, add_eos=inputs_add_eos, required=True),
                 "targets": seqio.Feature(vocabulary=vocabulary, add_eos=False, required=True)}
     tasks, task_subjects = [], {}
@@ -279,12 +261,13 @@ def register_mmlu(data_dir: str, *, subjects: Optional[Sequence[str]] = None, nu
                    "question": [format_question(row, False) for row in test], "targets": [row[5] for row in test]}
         name = f"{prefix}_{subject}"
         source = seqio.FunctionDataSource(functools.partial(_dataset_fn, columns=columns, name=name), splits=(SPLIT,))
-        _replace(seqio.TaskRegistry, name, source=source, output_features=features,
-                 preprocessors=[functools.partial(build_prompt, answer_prefix=answer_prefix),
-                                seqio.preprocessors.tokenize, length_check(name),
-                                functools.partial(expand_choices, choices=[answer_prefix + x for x in LETTERS]),
-                                seqio.preprocessors.append_eos_after_trim],
-                 postprocess_fn=p3.rank_classification_postprocess, metric_fns=[rank_metric])
+        common.replace_in_registry(seqio.TaskRegistry, name, source=source, output_features=features,
+                                   preprocessors=[functools.partial(build_prompt, answer_prefix=answer_prefix),
+                                                  seqio.preprocessors.tokenize, length_check(name),
+                                                  functools.partial(expand_choices,
+                                                                    choices=[answer_prefix + x for x in LETTERS]),
+                                                  seqio.preprocessors.append_eos_after_trim],
+                                   postprocess_fn=p3.rank_classification_postprocess, metric_fns=[rank_metric])
         tasks.append(name)
         task_subjects[name] = subject
         if category(subject) is None:
@@ -292,12 +275,13 @@ def register_mmlu(data_dir: str, *, subjects: Optional[Sequence[str]] = None, nu
                            subject, prefix)
         else:
             by_category[category(subject)].append(name)
-    _replace(seqio.MixtureRegistry, prefix, tasks=tasks, default_rate=1.0)
+    common.replace_in_registry(seqio.MixtureRegistry, prefix, tasks=tasks, default_rate=1.0)
     category_mixtures = {}
     for cat, members in by_category.items():
         if members:
             category_mixtures[cat] = f"{prefix}_{cat.lower().replace(' ', '_')}"
-            _replace(seqio.MixtureRegistry, category_mixtures[cat], tasks=members, default_rate=1.0)
+            common.replace_in_registry(seqio.MixtureRegistry, category_mixtures[cat], tasks=members,
+                                       default_rate=1.0)
     logger.info("Registered %d MMLU subjects (%d-shot) from %s.", len(tasks), num_shots, folder)
     return MMLURegistration(tasks, prefix, category_mixtures, task_subjects)
 
