@@ -1,4 +1,4 @@
-"""Reading a run's saved train state in tests (shared by the resilience tests)."""
+"""Reading a run's saved train state and progress in tests (shared by the resilience tests)."""
 
 import os
 
@@ -19,3 +19,12 @@ def saved_state(model_dir, step):
                               is_leaf=lambda m: hasattr(m, "shape"))
         tree = checkpointer.restore(path, target)
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def train_lines(model_dir):
+    """How many train lines the run's metrics.jsonl holds so far (0 before it exists): its progress."""
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum('"split": "train"' in line for line in f)

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from saved_state import saved_state
+from saved_state import saved_state, train_lines
 
 
 def _free_port() -> int:
@@ -126,14 +126,6 @@ def _finish(processes, timeout=600):
     return [p.returncode for p in processes], outputs
 
 
-def _train_lines(model_dir):
-    path = os.path.join(model_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return sum('"split": "train"' in line for line in f)
-
-
 _state = saved_state
 
 
@@ -142,7 +134,7 @@ def test_sigterm_to_one_of_two_processes_then_resume_equals_an_uninterrupted_run
     run, straight = str(tmp_path / "preempted"), str(tmp_path / "straight")
     processes = _start(run)
     deadline = time.time() + 300
-    while _train_lines(run) < 5 and time.time() < deadline and all(p.poll() is None for p in processes):
+    while train_lines(run) < 5 and time.time() < deadline and all(p.poll() is None for p in processes):
         time.sleep(0.05)
     assert all(p.poll() is None for p in processes), "\n".join(out[-3000:] for out in _finish(processes)[1])
     processes[1].send_signal(signal.SIGTERM)  # one host gets the notice; both must save at the same step
@@ -175,7 +167,7 @@ def test_sigterm_to_one_of_two_processes_then_resume_equals_an_uninterrupted_run
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"Restored checkpoint at step {STEPS}" in result.stdout
-    assert _train_lines(run) >= STEPS + 2
+    assert train_lines(run) >= STEPS + 2
 
 
 @pytest.mark.slow
@@ -185,7 +177,7 @@ def test_a_hung_or_dead_peer_makes_the_other_process_exit(tmp_path, fault):
     run = str(tmp_path / fault)
     processes = _start(run, "--gin.TRAIN_STEPS=100000", "--gin.train.step_timeout_s=10", "--heartbeat_timeout_s=30")
     deadline = time.time() + 300
-    while _train_lines(run) < 3 and time.time() < deadline and all(p.poll() is None for p in processes):
+    while train_lines(run) < 3 and time.time() < deadline and all(p.poll() is None for p in processes):
         time.sleep(0.05)
     assert all(p.poll() is None for p in processes), "\n".join(out[-3000:] for out in _finish(processes)[1])
     stopped_at = time.time()

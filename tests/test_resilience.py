@@ -17,7 +17,7 @@ import gin
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from saved_state import saved_state
+from saved_state import saved_state, train_lines
 
 from itjax import train as train_lib
 from itjax.data import pipeline
@@ -196,19 +196,11 @@ def _command(model_dir, steps, *extra):
             "--gin.train.checkpoint_period=10", *extra]
 
 
-def _train_lines(model_dir):
-    path = os.path.join(model_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return sum('"split": "train"' in line for line in f)
-
-
 def _start_and_wait(model_dir, steps, until_step):
     process = subprocess.Popen(_command(model_dir, steps), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     deadline = time.time() + 300
-    while _train_lines(model_dir) < until_step and process.poll() is None and time.time() < deadline:
+    while train_lines(model_dir) < until_step and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     return process
 
