@@ -1,6 +1,8 @@
-"""LoRA export: an itjax adapter saved with `save_peft_adapter` loads with HF `peft` onto the transformers model
-(tiny random T5 v1.1 and Llama, converted to itjax with itjax's own HF conversion) and gives the same logits."""
+"""Adapter export: an itjax LoRA adapter saved with `save_peft_adapter`, and prompt tuning / (IA)3 / prefix tuning
+adapters saved with `save_method_adapter`, load with HF `peft` onto the transformers model (tiny random T5 v1.1 and
+Llama, converted to itjax with itjax's own HF conversion) and give the same logits."""
 
+import copy
 import json
 import os
 
@@ -18,8 +20,10 @@ from itjax.conversion import t5 as t5_conversion  # noqa: E402
 from itjax.conversion.llama import llama_config_from_hf, params_from_hf_state_dict  # noqa: E402
 from itjax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
 from itjax.models.llama import Llama  # noqa: E402
-from itjax.peft import AdapterParam, LoRA, merge_lora  # noqa: E402
+from itjax.peft import IA3, AdapterParam, LoRA, PrefixTuning, PromptTuning, merge_lora  # noqa: E402
+from itjax.peft.core import PeftConfigError  # noqa: E402
 from itjax.peft.export import ADAPTER_CONFIG, save_peft_adapter  # noqa: E402
+from itjax.peft.export_methods import save_method_adapter  # noqa: E402
 
 T5_TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -114,3 +118,115 @@ def test_llama_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     theirs = _peft_logits(hf, str(tmp_path / "adapter"), input_ids=tokens.astype(np.int64))
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     assert os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") < 200_000
+
+
+# ------------------------------------------------------------------------ prompt tuning, (IA)3, prefix tuning
+def _tiny_t5(tmp_path):
+    """(HF T5, itjax EncoderDecoderModel, a factory of itjax modules holding the converted HF weights)."""
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1)).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    t5_conversion.hf_to_itjax(str(tmp_path / "hf"), str(tmp_path / "itjax"))
+    config = t5_conversion.t5_config_from_gin(str(tmp_path / "itjax" / folders.MODEL_GIN))
+    model = EncoderDecoderModel(config)
+    params = t5_conversion.load_params(str(tmp_path / "itjax"))
+
+    def make():
+        module = model.make_module(0)
+        nnx.update(module, params)
+        return module
+    return hf, model, make
+
+
+def _t5_batch():
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(2, 96, (2, 10)).astype(np.int32)
+    inputs[1, 7:] = 0
+    targets = rng.integers(2, 96, (2, 6)).astype(np.int32)
+    return {"encoder_input_tokens": inputs, "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0)))}
+
+
+def _t5_peft_logits(hf, adapter_dir, batch):
+    inputs = batch["encoder_input_tokens"]
+    return _peft_logits(copy.deepcopy(hf), adapter_dir, input_ids=inputs,
+                        attention_mask=(inputs > 0).astype(np.int64), decoder_input_ids=batch["decoder_input_tokens"])
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
+        attn_implementation="eager")).eval()
+    config = llama_config_from_hf(hf.config.to_dict())
+    params = params_from_hf_state_dict({k: v.numpy() for k, v in hf.state_dict().items()}, config)
+
+    def make():
+        module = Llama(config, rngs=nnx.Rngs(0))
+        nnx.update(module, params)
+        return module
+    return hf, config, make
+
+
+LLAMA_TOKENS = np.random.default_rng(1).integers(1, 128, (2, 12)).astype(np.int32)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ia3"])
+def test_t5_prompt_and_ia3_adapters_load_in_peft_with_the_same_logits(tmp_path, method):
+    hf, model, make = _tiny_t5(tmp_path)
+    module = make()
+    peft_method = PromptTuning(length=3, init="uniform") if method == "prompt" else IA3()
+    peft_method.apply(module, nnx.Rngs(params=1))
+    adapter = _randomise_adapter(module, 2)
+    batch = _t5_batch()
+    ours = np.asarray(model.logits(module, batch))
+    assert np.abs(ours - np.asarray(model.logits(make(), batch))).max() > 1e-2  # the adapter changes the outputs
+    save_method_adapter(str(tmp_path / "adapter"), adapter, peft_method, model.config)
+    with open(tmp_path / "adapter" / ADAPTER_CONFIG) as f:
+        saved = json.load(f)
+    assert saved["task_type"] == "SEQ_2_SEQ_LM"
+    if method == "prompt":
+        assert saved["num_transformer_submodules"] == 1 and saved["num_virtual_tokens"] == 3
+    else:  # peft's own T5 default: k, v (self- and cross-attention) and the feed-forward wo
+        assert saved["target_modules"] == ["k", "v", "wo"] and saved["feedforward_modules"] == ["wo"]
+    np.testing.assert_allclose(ours, _t5_peft_logits(hf, str(tmp_path / "adapter"), batch), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ia3", "prefix", "prefix_mlp"])
+def test_llama_prompt_ia3_and_prefix_adapters_load_in_peft_with_the_same_logits(tmp_path, method):
+    hf, config, make = _tiny_llama()
+    module = make()
+    peft_method = {"prompt": PromptTuning(length=3, init="uniform"), "ia3": IA3(),
+                   "prefix": PrefixTuning(length=4),
+                   "prefix_mlp": PrefixTuning(length=4, reparameterize=True, hidden_size=16)}[method]
+    peft_method.apply(module, nnx.Rngs(params=1))
+    adapter = _randomise_adapter(module, 3)
+    ours = np.asarray(module(LLAMA_TOKENS))
+    assert np.abs(ours - np.asarray(make()(LLAMA_TOKENS))).max() > 1e-2
+    save_method_adapter(str(tmp_path / "adapter"), adapter, peft_method, config)
+    theirs = _peft_logits(copy.deepcopy(hf), str(tmp_path / "adapter"), input_ids=LLAMA_TOKENS.astype(np.int64))
+    if method == "prompt":  # peft returns the virtual tokens' logits too; itjax drops them
+        theirs = theirs[:, 3:]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_exports_peft_cannot_represent_are_refused(tmp_path):
+    _, model, make = _tiny_t5(tmp_path)
+    module = make()
+    prefix = PrefixTuning(length=2)
+    prefix.apply(module, nnx.Rngs(params=1))
+    with pytest.raises(PeftConfigError, match="prefix tuning on T5 does not export to peft.*cross-attention"):
+        save_method_adapter(str(tmp_path / "t5_prefix"), nnx.to_pure_dict(nnx.state(module, AdapterParam)),
+                            prefix, model.config)
+    _, config, make_llama = _tiny_llama()
+    module = make_llama()
+    prompt = PromptTuning(length=2, position="after_bos", init="uniform")
+    prompt.apply(module, nnx.Rngs(params=1))
+    with pytest.raises(PeftConfigError, match="position='after_bos'"):
+        save_method_adapter(str(tmp_path / "after_bos"), nnx.to_pure_dict(nnx.state(module, AdapterParam)),
+                            prompt, config)
+    assert not (tmp_path / "t5_prefix").exists() and not (tmp_path / "after_bos").exists()
