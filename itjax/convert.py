@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="--from_run for a LoRA run, required to be one: its adapter merged into its base")
     parser.add_argument("--checkpoint_step", type=int, default=None, help="--from_run: the step (default: latest)")
     parser.add_argument("--peft_out", metavar="DIR",
-                        help="--from_run of a LoRA run: also write the unmerged adapter as a HF peft folder")
+                        help="--from_run of a PEFT run: also write the adapter as a HF peft folder (LoRA, prompt "
+                             "tuning, (IA)3, Llama prefix tuning; for the last three --out_dir gets the frozen base)")
     parser.add_argument("--t5x_checkpoint", metavar="CKPT",
                         help="convert this T5X checkpoint (a checkpoint_<step> folder, legacy or orbax format) to "
                              "--out_dir")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.hf_dir is None and (args.to_hf or not (args.from_run or args.t5x_checkpoint)):
         parser.error("--hf_dir is required (except for --from_run or --t5x_checkpoint without --to_hf)")
     if args.peft_out and not args.from_run:
-        parser.error("--peft_out needs --from_run MODEL_DIR (a LoRA training run)")
+        parser.error("--peft_out needs --from_run MODEL_DIR (a PEFT training run)")
     try:
         if args.t5x_checkpoint:
             config, source_format = t5x.t5x_to_itjax(args.t5x_checkpoint, args.out_dir, gin_file=args.t5x_gin,

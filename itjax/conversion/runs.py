@@ -7,7 +7,10 @@ fine-tuned model to HF goes through the same itjax folder `itjax.convert` writes
     full fine-tuning   the run's parameters at the chosen step
     LoRA               the adapter merged into the base weights the run trained on (W + alpha / r * A B);
                        `peft_out` also writes the unmerged adapter as a HF peft folder
-    other PEFT methods refused: prompt / prefix tuning add inputs a plain HF model has no place for
+    prompt tuning,     with `peft_out` only: the adapter as a HF peft folder (`itjax.peft.export_methods`; T5
+    (IA)3, prefix      prefix tuning is refused) and the frozen base, unchanged, as the plain model (its `--to_hf`
+    tuning             folder is the base the adapter loads onto); without it refused: prompt / prefix tuning add
+                       inputs a plain HF model has no place for
 
 Tokenizer files and the original HF config.json copy (hf_config.json, which keeps token ids and
 max_position_embeddings) are carried over from the run's `train.initial_checkpoint_path` when it is an itjax
@@ -56,13 +59,15 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
     """Writes the run's model at checkpoint `step` (default: the latest; LoRA merged) to the itjax folder `out_dir`
     (per-layer layout, also for a `scan_layers` run).
 
-    peft_out: for a LoRA run, also write the unmerged adapter as a HF peft folder (adapter_config.json +
-    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the HF base model.
+    peft_out: for a PEFT run, also write the (unmerged) adapter as a HF peft folder (adapter_config.json +
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the HF base model; for prompt
+    tuning, (IA)3 and prefix tuning runs it is required, and `out_dir` receives the frozen base.
     require_lora: refuse anything but a LoRA run (`--merge_lora`).
     """
     from itjax.models import scan
     from itjax.peft import LoRA, merge_lora, quantization
     from itjax.peft.export import save_peft_adapter
+    from itjax.peft.export_methods import save_method_adapter
 
     folders.require_empty_dir(out_dir, "--out_dir")
     if peft_out:
@@ -83,9 +88,16 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
         base = quantization.plain_base_params(loaded.trainer, loaded.params)  # QLoRA: the dequantized base
         params = scan.unstack_layers(merge_lora(base, loaded.params, alpha=peft.alpha))
         what = f"LoRA merged ({peft!r})"
+    elif peft_out:
+        save_method_adapter(peft_out, loaded.params, peft, loaded.model.config,
+                            base_model_name_or_path=loaded.initial_checkpoint_path)
+        params = scan.unstack_layers(jax.device_get(loaded.base_params))
+        what = f"the frozen base of a {peft!r} run; its adapter was written to {os.path.abspath(peft_out)}"
     else:
         raise ConversionError(f"{model_dir} trained {peft!r}: only full fine-tuning and LoRA runs export to a plain "
-                              "model (prompt / prefix tuning need inputs a HF model has no place for).")
+                              "model (prompt / prefix tuning need inputs a HF model has no place for, (IA)3 is not "
+                              "merged); pass --peft_out DIR to write the adapter as a peft folder (and the frozen "
+                              "base to --out_dir).")
     os.makedirs(out_dir, exist_ok=True)
     folders.save_params(params, out_dir)
     with open(os.path.join(out_dir, folders.MODEL_GIN), "w") as f:
