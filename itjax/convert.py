@@ -7,6 +7,8 @@ Usage:
     python -m itjax.convert --to_hf --hf_dir OUT_HF --out_dir OUT  # itjax folder OUT -> HF folder OUT_HF
     python -m itjax.convert --t5x_checkpoint CKPT --out_dir OUT [--t5x_gin CONFIG.gin] [--vocabulary spiece.model]
         [--mlp_activation gated-gelu|gated-silu|relu]   # T5X checkpoint (legacy or orbax format) -> itjax folder
+    python -m itjax.convert --peft_adapter ADAPTER --hf_dir BASE --out_dir OUT
+        # a HF peft LoRA adapter on its HF base -> itjax folder OUT (the base + OUT/adapter, OUT/adapter.gin)
     python -m itjax.convert --from_run MODEL_DIR --out_dir OUT [--to_hf --hf_dir OUT_HF] [--peft_out ADAPTER]
         # a training run (full fine-tuning, or LoRA merged into its base) -> itjax folder OUT [-> HF folder];
         # --merge_lora MODEL_DIR is the same for a run that must be a LoRA run
@@ -30,7 +32,7 @@ from types import ModuleType
 from itjax import cli
 from itjax.checkpoints import CheckpointMismatchError
 from itjax.config import ConfigError
-from itjax.conversion import ConversionError, llama, runs, t5, t5x
+from itjax.conversion import ConversionError, llama, peft_import, runs, t5, t5x
 # Re-exported: the names callers used before the conversion code moved to itjax.conversion.
 from itjax.conversion.folders import HF_CONFIG, MODEL_GIN, save_params
 from itjax.conversion.t5 import t5_config_from_gin, t5_config_from_hf
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peft_out", metavar="DIR",
                         help="--from_run of a PEFT run: also write the adapter as a HF peft folder (LoRA, prompt "
                              "tuning, (IA)3, Llama prefix tuning; for the last three --out_dir gets the frozen base)")
+    parser.add_argument("--peft_adapter", metavar="DIR",
+                        help="with --hf_dir BASE: import this HF peft LoRA adapter (adapter_config.json + "
+                             "adapter_model.safetensors) onto the converted base in --out_dir")
     parser.add_argument("--t5x_checkpoint", metavar="CKPT",
                         help="convert this T5X checkpoint (a checkpoint_<step> folder, legacy or orbax format) to "
                              "--out_dir")
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--t5x_gin, --vocabulary and --mlp_activation go with --t5x_checkpoint")
     if args.hf_dir is None and (args.to_hf or not (args.from_run or args.t5x_checkpoint)):
         parser.error("--hf_dir is required (except for --from_run or --t5x_checkpoint without --to_hf)")
+    if args.peft_adapter and (args.to_hf or args.from_run or args.t5x_checkpoint):
+        parser.error("--peft_adapter imports onto the HF base --hf_dir; it does not go with --to_hf, --from_run / "
+                     "--merge_lora or --t5x_checkpoint")
     if args.peft_out and not args.from_run:
         parser.error("--peft_out needs --from_run MODEL_DIR (a PEFT training run)")
     try:
@@ -133,6 +141,11 @@ def main(argv: list[str] | None = None) -> None:
             family = family_of_itjax_dir(args.out_dir)
             family.itjax_to_hf(args.out_dir, args.hf_dir, int(args.max_shard_size_mb * 1024**2), args.hf_dtype)
             print(f"wrote {args.hf_dir} (config.json, safetensors, tokenizer files if present)")
+        elif args.peft_adapter:
+            lora = peft_import.import_peft_lora(args.peft_adapter, args.hf_dir, args.out_dir,
+                                                family_of_hf_dir(args.hf_dir))
+            print(f"wrote {args.out_dir}/{{checkpoint,{MODEL_GIN}}} and the adapter "
+                  f"{args.out_dir}/{{{peft_import.ADAPTER_DIR},{peft_import.ADAPTER_GIN}}} ({lora!r})")
         elif not (args.from_run or args.t5x_checkpoint):
             family = family_of_hf_dir(args.hf_dir)
             family.hf_to_itjax(args.hf_dir, args.out_dir)

@@ -2,6 +2,7 @@
 
     a training run (itjax.train)          MODEL_DIR/config.gin, MODEL_DIR/checkpoints/<step>/state (+ base: PEFT)
     a converted folder (itjax.convert)    OUT/model.gin, OUT/checkpoint, tokenizer files (spiece.model, ...)
+                                          [+ OUT/adapter, OUT/adapter.gin: an imported peft LoRA adapter]
 
 `load(path, step)` reads the folder's gin file (extra gin files and bindings override it; no train macro is
 required), builds the model and an inference-only `Trainer` (no optimizer) on the run's partitioner, and restores
@@ -162,15 +163,18 @@ def load(path: str, step: int | None = None, *, partitioner: Partitioner | None 
     folder = epath.Path(path)
     gin_file = folder / (RUN_CONFIG if kind == RUN else MODEL_GIN)
     import itjax.training  # noqa: F401  (registers the configurables the folder's gin file names)
+    from itjax.conversion import peft_import
+    # A converted folder with an imported peft LoRA adapter (itjax.convert --peft_adapter): its LoRA settings.
+    adapter = [str(folder / peft_import.ADAPTER_GIN)] if kind == CONVERTED and peft_import.has_adapter(path) else []
     gin.clear_config()
     try:
-        config_lib.parse_gin([str(gin_file), *gin_files], list(bindings), search_paths)
+        config_lib.parse_gin([str(gin_file), *adapter, *gin_files], list(bindings), search_paths)
         model = _query("train.model") or _query("MODEL/macro.value")
         if model is None:
             raise config_lib.ConfigError(f"{gin_file} (with the given gin files / bindings) binds no model: "
                                          "neither `train.model` nor the `MODEL` macro.")
         model = _built(model)
-        peft = _built(_query("train.peft")) if kind == RUN else None
+        peft = _built(_query("train.peft")) if kind == RUN or adapter else None
         seed = _built(_query("train.random_seed")) or 0
         if partitioner is None:
             partitioner = _run_partitioner(_query("train.partitioner"))
@@ -189,8 +193,12 @@ def load(path: str, step: int | None = None, *, partitioner: Partitioner | None 
         if step is not None:
             raise RunLoadError(f"{path} is an itjax.convert folder: it holds one set of weights, not checkpoint "
                                f"steps; leave the step (--checkpoint_step={step}) out.")
-        trainer = Trainer(model, optax.identity(), partitioner, seed=seed)
-        params = restore_initial_params(path, trainer.abstract_state["params"])
+        trainer = Trainer(model, optax.identity(), partitioner, seed=seed, peft=peft)
+        if peft is not None:  # the imported adapter on the folder's own weights
+            restore_peft_base(trainer, path)
+            params = peft_import.restore_initial_adapter(path, trainer.abstract_state["params"])
+        else:
+            params = restore_initial_params(path, trainer.abstract_state["params"])
     else:
         step = resolve_step(path, step)
         checkpoint = checkpoint_dir(path, step)

@@ -202,6 +202,11 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
         if peft is not None:
             checkpointer.base_pointer = restore_peft_base(trainer, initial_checkpoint_path)
         state = trainer.init_state()  # with peft: the adapter, on the base just loaded
+        from itjax.conversion import peft_import  # a folder of itjax.convert --peft_adapter: its adapter too
+        if initial_checkpoint_path and peft is not None and peft_import.has_adapter(initial_checkpoint_path):
+            state["params"] = peft_import.restore_initial_adapter(initial_checkpoint_path,
+                                                                  trainer.abstract_state["params"])
+            log.info("Initial adapter from %s.", initial_checkpoint_path)
         if initial_checkpoint_path and peft is None:
             state["params"] = restore_initial_params(initial_checkpoint_path, trainer.abstract_state["params"])
             log.info("Initial weights from %s.", initial_checkpoint_path)

@@ -40,6 +40,16 @@ class SafetensorsReader:
             raise ConversionError(f"{hf_dir}: neither {HF_SINGLE_FILE} nor {HF_INDEX_FILE} found; convert .bin "
                                   f"checkpoints to safetensors first (transformers `save_pretrained`).")
 
+    @classmethod
+    def of_file(cls, path: str) -> "SafetensorsReader":
+        """A reader of one safetensors file (e.g. a peft folder's adapter_model.safetensors)."""
+        from safetensors import safe_open
+
+        reader = cls.__new__(cls)
+        with safe_open(path, framework="numpy") as f:
+            reader.files = {name: path for name in f.keys()}
+        return reader
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> shape, read from the file headers only."""
         from safetensors import safe_open
