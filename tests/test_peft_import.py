@@ -116,3 +116,33 @@ def test_bad_adapters_are_refused_with_nothing_written(tmp_path):
         convert.main(["--peft_adapter", str(tmp_path / "other"), "--hf_dir", str(tmp_path / "other_hf"),
                       "--out_dir", str(tmp_path / "taken")])
     assert os.listdir(tmp_path / "taken") == ["notes.txt"]
+
+
+def test_lora_run_continues_from_the_imported_adapter(tmp_path):
+    """`itjax.train` with OUT/model.gin + OUT/adapter.gin and initial_checkpoint_path=OUT starts its LoRA adapter
+    from the imported one (a fresh adapter would have B = 0), on OUT's base."""
+    import gin
+    import jax
+
+    from itjax import train as train_lib
+
+    hf = _llama(tmp_path / "hf")
+    _save_adapter(hf, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8.0, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj"]), tmp_path / "adapter")
+    out = tmp_path / "out"
+    convert.main(["--peft_adapter", str(tmp_path / "adapter"), "--hf_dir", str(tmp_path / "hf"), "--out_dir", str(out)])
+    gin.clear_config()
+    run = tmp_path / "run"
+    assert train_lib.main([
+        "--gin_file=quickstart_decoder.gin", f"--gin_file={out / 'model.gin'}", f"--gin_file={out / 'adapter.gin'}",
+        f"--gin.MODEL_DIR='{run}'", f"--gin.train.initial_checkpoint_path='{out}'", "--gin.TRAIN_STEPS=1",
+        "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
+        "--gin.train.eval_batch_size=8", "--gin.train.async_checkpointing=False",
+        "--gin.cosine_decay_schedule.learning_rate=1e-3", "--gin.cosine_decay_schedule.warmup_steps=1",
+        "--no_progress"]) == 0
+    imported = jax.device_get(runs.load(str(out)).params)
+    trained = runs.load(str(run))
+    assert trained.step == 1 and trained.peft.rank == 4 and trained.peft.alpha == 8.0
+    for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(jax.device_get(trained.params)), strict=True):
+        assert np.abs(a).max() > 0.1  # imported lora_b is not the zeros a fresh adapter starts with
+        np.testing.assert_allclose(b, a, atol=0.01 * np.abs(a).max())  # one small step away from the import
