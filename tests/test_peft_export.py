@@ -230,3 +230,44 @@ def test_exports_peft_cannot_represent_are_refused(tmp_path):
         save_method_adapter(str(tmp_path / "after_bos"), nnx.to_pure_dict(nnx.state(module, AdapterParam)),
                             prompt, config)
     assert not (tmp_path / "t5_prefix").exists() and not (tmp_path / "after_bos").exists()
+
+
+def test_ia3_run_exports_adapter_and_base_with_the_cli(tmp_path):
+    """`itjax.convert --from_run RUN --peft_out ADAPTER --out_dir OUT --to_hf --hf_dir HF` on an (IA)3 run: OUT / HF
+    hold the frozen base, ADAPTER loads with peft onto it and gives the run's logits."""
+    import gin
+
+    from itjax import convert, runs
+    from itjax import train as train_lib
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None, eos_token_id=1,
+        pad_token_id=0)).save_pretrained(str(tmp_path / "hf"))
+    convert.main(["--hf_dir", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "converted")])
+    gin.clear_config()
+    run = tmp_path / "run"
+    assert train_lib.main([
+        "--gin_file=quickstart_decoder.gin", f"--gin_file={tmp_path / 'converted' / 'model.gin'}",
+        "--gin_file=peft/ia3.gin", f"--gin.MODEL_DIR='{run}'",
+        f"--gin.train.initial_checkpoint_path='{tmp_path / 'converted'}'", "--gin.TRAIN_STEPS=2",
+        "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
+        "--gin.train.eval_batch_size=8", "--gin.train.async_checkpointing=False",
+        "--gin.cosine_decay_schedule.warmup_steps=1", "--no_progress"]) == 0
+    convert.main(["--from_run", str(run), "--out_dir", str(tmp_path / "out"), "--peft_out", str(tmp_path / "adapter"),
+                  "--to_hf", "--hf_dir", str(tmp_path / "out_hf")])
+    loaded = runs.load(str(run))
+    tokens = np.random.default_rng(2).integers(2, 640, (2, 16))
+    ours = np.asarray(loaded.trainer.module(loaded.params)(np.asarray(tokens, np.int32)))
+
+    def hf_logits(folder):
+        with torch.no_grad():
+            return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
+                torch.tensor(tokens)).logits.numpy()
+    plain = hf_logits(str(tmp_path / "hf"))
+    np.testing.assert_allclose(hf_logits(str(tmp_path / "out_hf")), plain, atol=1e-5)  # --out_dir: the frozen base
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out_hf"), dtype=torch.float32).eval()
+    np.testing.assert_allclose(ours, _peft_logits(base, str(tmp_path / "adapter"), input_ids=tokens), atol=1e-4,
+                               rtol=0)
+    assert np.abs(ours - plain).max() > 1e-4  # training moved the (IA)3 vectors off ones
