@@ -3,6 +3,7 @@ adapters saved with `save_method_adapter`, load with HF `peft` onto the transfor
 Llama, converted to itjax with itjax's own HF conversion) and give the same logits."""
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from itjax import param_paths  # noqa: E402
 from itjax.conversion import folders  # noqa: E402
 from itjax.conversion import t5 as t5_conversion  # noqa: E402
 from itjax.conversion.llama import llama_config_from_hf, params_from_hf_state_dict  # noqa: E402
@@ -165,9 +167,10 @@ def _tiny_llama():
     config = llama_config_from_hf(hf.config.to_dict())
     params = params_from_hf_state_dict({k: v.numpy() for k, v in hf.state_dict().items()}, config)
 
-    def make():
-        module = Llama(config, rngs=nnx.Rngs(0))
-        nnx.update(module, params)
+    def make(scan=False):
+        """scan: a `scan_layers` model (stacked layers), whose adapter export must unstack."""
+        module = Llama(dataclasses.replace(config, scan_layers=scan), rngs=nnx.Rngs(0))
+        nnx.update(module, param_paths.stack_layers(params, stack=np.stack) if scan else params)
         return module
     return hf, config, make
 
@@ -196,12 +199,12 @@ def test_t5_prompt_and_ia3_adapters_load_in_peft_with_the_same_logits(tmp_path, 
     np.testing.assert_allclose(ours, _t5_peft_logits(hf, str(tmp_path / "adapter"), batch), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["prompt", "ia3", "prefix", "prefix_mlp"])
+@pytest.mark.parametrize("method", ["prompt", "ia3", "ia3_scan", "prefix", "prefix_scan", "prefix_mlp"])
 def test_llama_prompt_ia3_and_prefix_adapters_load_in_peft_with_the_same_logits(tmp_path, method):
     hf, config, make = _tiny_llama()
-    module = make()
-    peft_method = {"prompt": PromptTuning(length=3, init="uniform"), "ia3": IA3(),
-                   "prefix": PrefixTuning(length=4),
+    module = make(scan=method.endswith("_scan"))
+    peft_method = {"prompt": PromptTuning(length=3, init="uniform"), "ia3": IA3(), "ia3_scan": IA3(),
+                   "prefix": PrefixTuning(length=4), "prefix_scan": PrefixTuning(length=4),
                    "prefix_mlp": PrefixTuning(length=4, reparameterize=True, hidden_size=16)}[method]
     peft_method.apply(module, nnx.Rngs(params=1))
     adapter = _randomise_adapter(module, 3)
