@@ -85,6 +85,10 @@ def test_llama_rslora_adapter_imports_with_peft_logits(tmp_path):
     assert np.isclose(loaded.peft.scaling, 4.0 / np.sqrt(8))  # rsLoRA: alpha / sqrt(r)
     ours = np.asarray(loaded.trainer.module(loaded.params)(np.asarray(tokens, np.int32)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    scanned = runs.load(str(tmp_path / "out"), bindings=["LlamaConfig.scan_layers = True"])  # stacked on load
+    assert scanned.model.config.scan_layers
+    np.testing.assert_allclose(np.asarray(scanned.trainer.module(scanned.params)(np.asarray(tokens, np.int32))),
+                               theirs, atol=1e-4, rtol=0)
 
 
 def test_bad_adapters_are_refused_with_nothing_written(tmp_path):
