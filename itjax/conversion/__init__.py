@@ -10,6 +10,8 @@
     t5x.py              T5X checkpoint -> itjax folder (T5 family; names, architecture, checks), reading through
                         t5x_read.py (legacy msgpack + zarr, and orbax formats) and t5x_gin.py (network.T5Config
                         bindings of a T5X config.gin, read with gin's parser, without t5x)
+    peft_import.py      a HF peft LoRA adapter -> the converted base + OUT/adapter, OUT/adapter.gin (--peft_adapter)
+    runs.py             a training run -> itjax folder (--from_run / --merge_lora; --peft_out adapters)
 
 Each family module exposes `MODEL_TYPES` (HF `model_type`s), `hf_to_itjax(hf_dir, out_dir)` and
 `itjax_to_hf(out_dir, hf_dir, max_shard_size, dtype)`; `itjax.convert` dispatches between them.

@@ -1,4 +1,5 @@
-"""LoRA adapters out of itjax: merged into the base weights, or as a HF `peft` adapter folder.
+"""LoRA adapters out of itjax: merged into the base weights, or as a HF `peft` adapter folder (prompt tuning,
+(IA)3 and prefix tuning: `itjax.peft.export_methods`; the way in: `itjax.conversion.peft_import`).
 
 `save_peft_adapter` writes what `peft.PeftModel.from_pretrained(hf_model, folder)` loads:
 
