@@ -233,6 +233,43 @@ def subprocess_runner(command: list, log_path: str) -> int:
         return subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def inprocess_runner(command: list, log_path: str) -> int:
+    """Runs `python -m itjax.train|itjax.convert ARGS` as a call of that module's `main(ARGS)` in this process,
+    with stdout / stderr (Python-level) appended to `log_path`; returns its exit status (1 for an exception, whose
+    traceback goes to the log). Runs of one study share shapes, so later runs reuse the process's imports, the
+    SuperNI registrations' parsed files and JAX's compilation caches instead of paying for them again; the price is
+    isolation: a run that crashes the interpreter (or leaks memory) takes the sweep with it."""
+    import importlib
+    import traceback
+
+    import gin
+
+    if "-m" not in command or command[command.index("-m") + 1] not in INPROCESS_MODULES:
+        raise ValueError(f"inprocess_runner runs only `python -m {' / '.join(INPROCESS_MODULES)}`, not {command}")
+    module = command[command.index("-m") + 1]
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        log.write(f"\n# {_now()} (in-process) {shlex.join(command)}\n")
+        log.flush()
+        gin.clear_config()
+        try:
+            status = importlib.import_module(module).main(command[command.index("-m") + 2:])
+        except SystemExit as e:  # argparse errors
+            status = e.code if isinstance(e.code, int) else 1
+        except Exception:  # noqa: BLE001  (the run's failure, recorded from its log like a subprocess's)
+            traceback.print_exc(file=log)
+            status = 1
+        finally:
+            gin.clear_config()
+            log.flush()
+    return int(status or 0)
+
+
+INPROCESS_MODULES = ("itjax.train", "itjax.convert")
+RUNNERS = {"subprocess": subprocess_runner, "inprocess": inprocess_runner}
+
+
 def _tail(path: str, lines: int = ERROR_TAIL_LINES) -> str:
     if not os.path.isfile(path):
         return ""
@@ -306,9 +343,9 @@ def mark_planned(study_dir: str, runs: Sequence[Run]) -> int:
 
 
 def write_plan(study_dir: str, st: study_lib.Study, runs: Sequence[Run]) -> str:
-    """STUDY/study.json: the study's name and every run (id, stage, cell, depends_on); a different earlier plan is
-    kept as study.<n>.json."""
-    plan = {"name": st.name, "runs": [{"run_id": r.run_id, "stage": r.stage, "cell": r.cell,
+    """STUDY/study.json: the study's name, its report options (study.report, filled in) and every run (id, stage,
+    cell, depends_on); a different earlier plan is kept as study.<n>.json."""
+    plan = {"name": st.name, "report": study_lib.report_options(st), "runs": [{"run_id": r.run_id, "stage": r.stage, "cell": r.cell,
                                        "depends_on": r.depends_on} for r in runs]}
     path = os.path.join(study_dir, "study.json")
     if os.path.isfile(path):
