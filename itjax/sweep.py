@@ -3,9 +3,9 @@ r"""Run a study: `python -m itjax.sweep --gin_file=studies/smoke.gin --out_dir=S
 
 A study is a gin file binding the `study` configurable (the grid; see itjax/study.py for the gin surface and how
 cells expand). Each cell is an ordinary `python -m itjax.train` run with MODEL_DIR = STUDY/<run id> (config.gin,
-metrics.jsonl, predictions/ as usual), started as a subprocess, so a crash is contained and recorded; its output
-goes to STUDY/<run id>/train.log. The runs share a persistent JAX compilation cache, STUDY/jax_cache (unless
-JAX_COMPILATION_CACHE_DIR is set). A stage-1 (pre_stage) run is exported with `python -m itjax.convert --from_run`
+metrics.jsonl, predictions/ as usual), started as a subprocess, so a crash is contained and recorded (or, with
+--runner inprocess, called in the sweep's own process); its output goes to STUDY/<run id>/train.log. The runs share
+a persistent JAX compilation cache, STUDY/jax_cache (unless JAX_COMPILATION_CACHE_DIR is set). A stage-1 (pre_stage) run is exported with `python -m itjax.convert --from_run`
 to STUDY/<run id>/export once it finishes, and the runs built on it start from that export.
 
 State: one JSON file per run, STUDY/runs/<run id>.json ({run_id, stage, cell, model_dir, depends_on, state:
@@ -29,6 +29,10 @@ Flags:
   --slurm SCRIPT           write a SLURM array script (one array index per shard; --num_shards, or n of --shard)
                            instead of running; --slurm_directive '#SBATCH ...' lines (repeatable) are added to it.
   --skip_failed            leave failed runs failed instead of retrying them.
+  --runner inprocess       run every run (and export) in the sweep's own process instead of one `python -m`
+                           process each: imports, SuperNI registrations and compiled programs are reused, so many
+                           small runs go much faster; a run that kills the interpreter stops the sweep (rerun it
+                           to resume). Default: subprocess.
   --gin_search_paths DIRS  comma-separated folders for gin files (study and runs).
 """
 
@@ -334,6 +338,21 @@ def execute(run: Run, study_dir: str, search_paths: Sequence[str] = (), runner: 
     return "done"
 
 
+def share_compilation_cache(study_dir: str) -> None:
+    """Runs of a study share shapes: one persistent JAX compilation cache, STUDY/jax_cache (unless
+    JAX_COMPILATION_CACHE_DIR is set), lets later runs load a program instead of compiling it, every program (the
+    small decode and init programs too: no minimum compile time unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+    is set). Set in the environment for subprocess runs and in jax.config for in-process ones."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(study_dir), "jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if "jax" in sys.modules:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
 def mark_planned(study_dir: str, runs: Sequence[Run]) -> int:
     """Writes a 'planned' state file for every run that has none yet; returns how many were written."""
     new = [run for run in runs if read_state(study_dir, run.run_id) is None]
@@ -403,6 +422,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--slurm_directive", action="append", default=[], help="--slurm: an extra '#SBATCH ...' "
                         "line (repeatable), e.g. '#SBATCH --gres=gpu:1'")
     parser.add_argument("--skip_failed", action="store_true", help="do not retry runs recorded as failed")
+    parser.add_argument("--runner", choices=sorted(RUNNERS), default="subprocess",
+                        help="subprocess: each run (and export) in its own `python -m` process (isolated); "
+                        "inprocess: all in this process, reusing imports, registrations and compiled programs "
+                        "(faster for many small runs, e.g. the smoke study)")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(rest)
     if not args.gin_file:
@@ -445,14 +468,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_plan(mine, figures, args.out_dir))
         return 0
     os.makedirs(args.out_dir, exist_ok=True)
-    # Runs of a study share shapes: one persistent JAX compilation cache lets later runs load instead of compile.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.out_dir), "jax_cache"))
+    share_compilation_cache(args.out_dir)
     write_plan(args.out_dir, st, runs)
     mark_planned(args.out_dir, mine)
     states = {}
     for i, run in enumerate(mine):
         print(f"[{i + 1}/{len(mine)}] {run.run_id} ...", flush=True)
-        states[run.run_id] = execute(run, args.out_dir, search_paths, skip_failed=args.skip_failed)
+        states[run.run_id] = execute(run, args.out_dir, search_paths, runner=RUNNERS[args.runner],
+                                     skip_failed=args.skip_failed)
         print(f"[{i + 1}/{len(mine)}] {run.run_id}: {states[run.run_id]}", flush=True)
     failed = [r for r, s in states.items() if s == "failed"]
     print(f"{len(states) - len(failed)} of {len(states)} runs done"

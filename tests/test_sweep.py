@@ -266,3 +266,19 @@ def test_stage1_export_is_redone_after_a_half_written_one(tmp_path):
     other = next(r for r in study_lib.expand(_staged()) if r.stage == "pre" and r.run_id != stage1.run_id)
     assert sweep.execute(other, str(tmp_path), runner=lambda command, log_path: 0) == "failed"
     assert "export wrote nothing" in sweep.read_state(str(tmp_path), other.run_id)["error"]
+
+
+@needs_superni
+def test_inprocess_runner_records_a_failing_run_and_refuses_other_commands(tmp_path):
+    path = _write_study(tmp_path, bindings_extra="'train.no_such_option = 3'")
+    run = study_lib.expand(study_lib.load_study([path]))[0]
+    out = str(tmp_path / "s")
+    assert sweep.execute(run, out, runner=sweep.inprocess_runner) == "failed"
+    rec = sweep.read_state(out, run.run_id)
+    assert "exited with status 2" in rec["error"] and "train.no_such_option" in rec["error"]
+    with open(os.path.join(out, run.run_id, "train.log")) as f:
+        assert "(in-process) " in f.read()
+    with pytest.raises(ValueError, match="runs only `python -m itjax.train / itjax.convert`"):
+        sweep.inprocess_runner(["python", "-m", "itjax.sweep"], str(tmp_path / "log"))
+    import gin
+    assert not gin.config._CONFIG  # the run's bindings are cleared after it
