@@ -117,13 +117,14 @@ def load(study_dir: str, superni_dir: Optional[str] = None, step: Optional[int] 
             predictions = os.path.join(study_dir, run["run_id"], "predictions")
             try:
                 examples = report_lib.read_prediction_dir(predictions, step)
+                if superni_dir:
+                    report_lib.fill_categories(examples, superni_dir)
+                task_rows = report_lib.build_tables(examples)["tasks"]
             except (ValueError, OSError) as e:
                 problem = ("done", f"no predictions: {e}")
             else:
-                if superni_dir:
-                    report_lib.fill_categories(examples, superni_dir)
                 tasks = data.scores.setdefault((key, str(run["cell"].get(seed_axis, ""))), {})
-                for row in report_lib.build_tables(examples)["tasks"]:
+                for row in task_rows:
                     tasks[row["task"]] = {"rougeL": row["rougeL"], "exact_match": row["exact_match"],
                                           "category": row["category"]}
                 data.scored[key].append(run["run_id"])

@@ -138,11 +138,18 @@ def test_failed_and_unstarted_runs_are_listed(study):
     failed = "setting=stl__task=task002_beta__size=all__seed=1"
     unstarted = "setting=mtl__size=all__seed=1"
     os.remove(study / "runs" / f"{unstarted}.json")  # a run with predictions but no state: not scored
+    empty = "setting=stl__task=task001_alpha__size=10__seed=0"
+    for name in os.listdir(study / empty / "predictions"):  # done, but its predictions files are empty
+        (study / empty / "predictions" / name).write_text("")
     tables = study_report.build(study_report.load(str(study)))
-    assert {(r["run_id"], r["state"]) for r in tables["unfinished"]} == {(failed, "failed"), (unstarted, "planned")}
+    assert {(r["run_id"], r["state"]) for r in tables["unfinished"]} == {
+        (failed, "failed"), (unstarted, "planned"), (empty, "done")}
     assert _row(tables["unfinished"], state="failed")["error"] == "RuntimeError: out of memory"
+    assert _row(tables["unfinished"], state="done")["error"] == "no predictions: No predictions to score."
     row = _row(tables["overall"], setting="mtl", size="all")
     assert (row["runs"], row["seeds"], row["rougeL"]) == ("1/2", 1, 87.5)
+    row = _row(tables["overall"], setting="stl", size="10")  # seed 0: task B only (B 75), seed 1: 37.5
+    assert (row["runs"], row["rougeL"]) == ("3/4", (75 + 37.5) / 2)
 
 
 def _png_size(path):

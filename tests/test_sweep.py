@@ -282,3 +282,21 @@ def test_inprocess_runner_records_a_failing_run_and_refuses_other_commands(tmp_p
         sweep.inprocess_runner(["python", "-m", "itjax.sweep"], str(tmp_path / "log"))
     import gin
     assert not gin.config._CONFIG  # the run's bindings are cleared after it
+
+
+def test_study_report_options_are_filled_in_and_stored_in_the_plan(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    st = _study(report={"superni_dir": "${root}", "references": [{"name": "r", "value": 1.5,
+                                                                   "where": {"size": "${root}"}}]},
+                variables={"root": "data"})
+    options = study_lib.report_options(st)
+    assert options == {"superni_dir": str(tmp_path / "data"),  # an existing folder is made absolute
+                       "references": [{"name": "r", "value": 1.5, "where": {"size": "data"}}]}
+    sweep.write_plan(str(tmp_path / "s"), st, study_lib.expand(st))
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["report"] == options
+    with pytest.raises(ConfigError, match=r"study.report.*\$\{nope\}"):
+        study_lib.report_options(_study(report={"superni_dir": "${nope}"}))
+    ql = study_lib.load_study(["studies/quick_learners.gin"])  # gin's tuples / frozen dicts become JSON-able
+    refs = study_lib.report_options(ql)["references"]
+    assert json.loads(json.dumps(refs)) == refs and len(refs) == 7 and refs[0]["value"] == 54.30
