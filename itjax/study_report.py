@@ -3,7 +3,7 @@
     python -m itjax.report STUDY [--out_dir DIR] [--baseline encoding=input_only] [--references refs.json]
                                  [--superni_dir natural-instructions/] [--step N]
 
-Input: STUDY/study.json (the plan: every run's id, stage and cell, and the study's `study.report` options),
+Input: STUDY/study.json (the plan: the axes, every run's id, stage and cell, and the study's `study.report` options),
 STUDY/runs/<run id>.json (each run's state) and STUDY/<run id>/predictions/<task>-<step>.jsonl (each task at the
 latest step, or --step). Only the main (not pre-finetuning) runs are scored; every run that is not done, or is done
 without predictions, is listed in the "Unfinished runs" table (and counted in each cell's `runs` column), never
@@ -95,7 +95,7 @@ def load(study_dir: str, superni_dir: Optional[str] = None, step: Optional[int] 
     main_runs = [r for r in plan.get("runs", []) if r.get("stage") != "pre"]
     if not main_runs:
         raise StudyReportError(f"{os.path.join(study_dir, 'study.json')}: the plan has no runs.")
-    axes: list = []
+    axes: list = [a for a in plan.get("axes", []) if a != seed_axis]  # grid order (cells are stored key-sorted)
     for run in main_runs:
         axes += [a for a in run["cell"] if a not in axes and a not in ("task", seed_axis)]
     size_axis = options.get("size_axis", "size")

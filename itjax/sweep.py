@@ -362,9 +362,11 @@ def mark_planned(study_dir: str, runs: Sequence[Run]) -> int:
 
 
 def write_plan(study_dir: str, st: study_lib.Study, runs: Sequence[Run]) -> str:
-    """STUDY/study.json: the study's name, its report options (study.report, filled in) and every run (id, stage,
-    cell, depends_on); a different earlier plan is kept as study.<n>.json."""
-    plan = {"name": st.name, "report": study_lib.report_options(st), "runs": [{"run_id": r.run_id, "stage": r.stage, "cell": r.cell,
+    """STUDY/study.json: the study's name, its axes in grid order (the pre_stage axis last), its report options
+    (study.report, filled in) and every run (id, stage, cell, depends_on); a different earlier plan is kept as
+    study.<n>.json."""
+    axes = list(st.axes) + ([st.pre_stage["axis"]] if st.pre_stage else [])
+    plan = {"name": st.name, "axes": axes, "report": study_lib.report_options(st), "runs": [{"run_id": r.run_id, "stage": r.stage, "cell": r.cell,
                                        "depends_on": r.depends_on} for r in runs]}
     path = os.path.join(study_dir, "study.json")
     if os.path.isfile(path):

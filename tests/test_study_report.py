@@ -76,10 +76,10 @@ def study(tmp_path):
             else:
                 rid = _write_run(path, cell, "done", {task: outcomes})
             runs.append({"run_id": rid, "stage": "main", "cell": cell})
-    plan = {"name": "fake", "runs": runs,
+    plan = {"name": "fake", "axes": ["setting", "size", "seed"], "runs": runs,
             "report": {"size_axis": "size", "size_values": {"10": 10}, "superni_dir": str(superni),
                        "references": REFERENCES}}
-    (path / "study.json").write_text(json.dumps(plan))
+    (path / "study.json").write_text(json.dumps(plan, sort_keys=True))  # as the sweep writes it: axes keep order
     return path
 
 

@@ -294,7 +294,8 @@ def test_study_report_options_are_filled_in_and_stored_in_the_plan(tmp_path, mon
     assert options == {"superni_dir": str(tmp_path / "data"),  # an existing folder is made absolute
                        "references": [{"name": "r", "value": 1.5, "where": {"size": "data"}}]}
     sweep.write_plan(str(tmp_path / "s"), st, study_lib.expand(st))
-    assert json.loads((tmp_path / "s" / "study.json").read_text())["report"] == options
+    plan = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert plan["report"] == options and plan["axes"] == ["setting", "size"]
     with pytest.raises(ConfigError, match=r"study.report.*\$\{nope\}"):
         study_lib.report_options(_study(report={"superni_dir": "${nope}"}))
     ql = study_lib.load_study(["studies/quick_learners.gin"])  # gin's tuples / frozen dicts become JSON-able
