@@ -259,8 +259,10 @@ def inprocess_runner(command: list, log_path: str) -> int:
         gin.clear_config()
         try:
             status = importlib.import_module(module).main(command[command.index("-m") + 2:])
-        except SystemExit as e:  # argparse errors
-            status = e.code if isinstance(e.code, int) else 1
+        except SystemExit as e:  # argparse errors; itjax.convert's SystemExit(message)
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=log)
+            status = e.code if isinstance(e.code, int) or e.code is None else 1
         except Exception:  # noqa: BLE001  (the run's failure, recorded from its log like a subprocess's)
             traceback.print_exc(file=log)
             status = 1

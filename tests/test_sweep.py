@@ -278,6 +278,10 @@ def test_inprocess_runner_records_a_failing_run_and_refuses_other_commands(tmp_p
     assert "exited with status 2" in rec["error"] and "train.no_such_option" in rec["error"]
     with open(os.path.join(out, run.run_id, "train.log")) as f:
         assert "(in-process) " in f.read()
+    log = tmp_path / "export.log"  # itjax.convert stops with SystemExit(message): the message goes to the log
+    status = sweep.inprocess_runner(["python", "-m", "itjax.convert", "--from_run", str(tmp_path / "no_run"),
+                                     "--out_dir", str(tmp_path / "export")], str(log))
+    assert status == 1 and "itjax.convert: " in log.read_text() and "no_run" in log.read_text()
     with pytest.raises(ValueError, match="runs only `python -m itjax.train / itjax.convert`"):
         sweep.inprocess_runner(["python", "-m", "itjax.sweep"], str(tmp_path / "log"))
     import gin
