@@ -1,9 +1,12 @@
-"""Super-NaturalInstructions result tables from a predictions file: per task, per category and overall.
+"""Super-NaturalInstructions result tables from a predictions file: per task, per category and overall; or the
+tables and plots of a whole study.
 
     python -m itjax.report --predictions preds.jsonl [--out_dir DIR] [--superni_dir natural-instructions/]
     python -m itjax.report --predictions MODEL_DIR/predictions [--step 2000]
+    python -m itjax.report STUDY [--out_dir DIR] [--baseline axis=value[,...]] [--references refs.json]
 
-(`python -m itjax.eval --predictions ...` is the same command, kept as an alias.)
+(`python -m itjax.eval --predictions ...` is the same command, kept as an alias.) The STUDY form (a folder written
+by `python -m itjax.sweep`) is itjax.study_report: see its docstring for the tables, itjax.plots for the figures.
 
 Input: a JSONL file, one object per example with `task` (or `task_name`, or Tk-Instruct's `Task`), `prediction`
 (or `Prediction`), `references` (or Tk-Instruct's `Instance.output`) and optionally `category`; or a directory of
@@ -274,14 +277,28 @@ def write_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m itjax.report") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--predictions", required=True,
+    parser.add_argument("study", nargs="?", help="a study folder written by python -m itjax.sweep (instead of "
+                        "--predictions): its tables and plots, from every run's predictions")
+    parser.add_argument("--predictions",
                         help="predictions JSONL file, or an itjax predictions/ directory of <task>-<step>.jsonl")
-    parser.add_argument("--out_dir", help="write tables.md, tasks.csv, categories.csv, overall.csv here")
-    parser.add_argument("--superni_dir", help="natural-instructions checkout to read missing categories from")
+    parser.add_argument("--out_dir", help="write tables.md, tasks.csv, categories.csv, overall.csv here (STUDY: "
+                        "report.md, its CSV tables and PNG plots; default STUDY/report)")
+    parser.add_argument("--superni_dir", help="natural-instructions checkout to read missing categories from "
+                        "(STUDY: default study.report['superni_dir'])")
     parser.add_argument("--step", type=int, help="with a predictions directory: the step to read (default latest)")
+    parser.add_argument("--baseline", help="STUDY: axis=value[,axis=value]: add deltas against the cell with "
+                        "these values (e.g. encoding=input_only)")
+    parser.add_argument("--references", help="STUDY: a JSON list of {'name', 'value', 'metric', 'where'} reference "
+                        "numbers, added to study.report['references']")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    if (args.study is None) == (args.predictions is None):
+        parser.error("give either a STUDY folder or --predictions (not both)")
+    if args.study is None and (args.baseline or args.references):
+        parser.error("--baseline and --references go with a STUDY folder")
     cli.start(args.verbose, uses_tensorflow=False)
+    if args.study is not None:
+        return _study_main(args)
     try:
         examples = read_predictions(args.predictions, args.step)
         if args.superni_dir:
@@ -294,6 +311,21 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m itjax.repo
     if args.out_dir:
         for path in write_tables(tables, args.out_dir):
             print(f"wrote {path}")
+    return 0
+
+
+def _study_main(args: argparse.Namespace) -> int:
+    from itjax import study_report
+
+    try:
+        _, paths, markdown = study_report.run(args.study, args.out_dir, args.baseline, args.references,
+                                              args.superni_dir, args.step)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown, end="")
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 

@@ -21,6 +21,14 @@ The gin surface (one configurable, `study`; see gin/studies/*.gin):
         'bindings': [...],                             # every stage-1 run (after base_gin_files / base_bindings)
         'inherit': ['start', 'seed'],                  # axes a stage-1 run shares with the runs built on it
     }
+    study.report = {                                   # optional: what `python -m itjax.report STUDY` needs
+        'size_axis': 'size', 'size_values': {'100': 3.09, ..., 'all': 100.0},   # x of the score-vs-size plots
+        'size_label': '% of all train instances', 'seed_axis': 'seed',
+        'superni_dir': '${superni_dir}',               # task categories from <superni_dir>/tasks/<task>.json
+        'references': [{'name': 'Tk-Instruct few-shot', 'metric': 'rougeL', 'value': 54.30,
+                        'where': {'setting': 'mtl', 'size': '200'}}, ...],   # where: cells it compares with
+    }
+    (checked and used by itjax.study_report; the sweep stores it, ${name}s filled in, in STUDY/study.json)
 
 Expansion. Every combination of one value per axis (x one pre_stage value) is a cell. A value whose bindings
 contain `${task}` expands into one cell per task of `study.tasks` (the cell gets `task`; e.g. STL: one model per
@@ -88,16 +96,28 @@ class Study:
     variables: dict = dataclasses.field(default_factory=dict)
     pre_stage: Optional[dict] = None
     checkpoint_binding: str = "train.initial_checkpoint_path"
+    report: dict = dataclasses.field(default_factory=dict)
 
 
 @gin.configurable
 def study(name: str = gin.REQUIRED, base_gin_files: Sequence[str] = gin.REQUIRED, base_bindings: Sequence[str] = (),
           axes: Mapping[str, Mapping[str, Optional[Sequence[str]]]] = gin.REQUIRED, tasks: Any = None,
           variables: Optional[Mapping[str, Any]] = None, pre_stage: Optional[Mapping[str, Any]] = None,
-          checkpoint_binding: str = "train.initial_checkpoint_path") -> Study:
+          checkpoint_binding: str = "train.initial_checkpoint_path",
+          report: Optional[Mapping[str, Any]] = None) -> Study:
     """The study of the parsed gin file (see the module docstring for each argument)."""
     return Study(name, list(base_gin_files), list(base_bindings), {k: dict(v) for k, v in axes.items()}, tasks,
-                 dict(variables or {}), dict(pre_stage) if pre_stage else None, checkpoint_binding)
+                 dict(variables or {}), dict(pre_stage) if pre_stage else None, checkpoint_binding,
+                 _plain(dict(report or {})))
+
+
+def _plain(value: Any) -> Any:
+    """gin's immutable containers (tuples, frozen dicts) -> JSON-able lists / dicts."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def load_study(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> Study:
@@ -247,6 +267,25 @@ def resolve_bindings(run: Run, study_dir: str) -> list[str]:
             b = f"{name} = {path.replace('{STUDY}', study_dir)!r}"
         out.append(b)
     return out + [f"MODEL_DIR = {os.path.join(study_dir, run.run_id)!r}"]
+
+
+def report_options(st: Study) -> dict:
+    """study.report with `${name}`s filled in from study.variables; a 'superni_dir' that exists is made absolute
+    (the report may run from another folder than the sweep)."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return substitute(value, st.variables, "study.report")
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value
+
+    options = fill(st.report)
+    if isinstance(options.get("superni_dir"), str) and os.path.isdir(options["superni_dir"]):
+        options["superni_dir"] = os.path.abspath(options["superni_dir"])
+    return options
 
 
 def parse_shard(text: str) -> tuple[int, int]:

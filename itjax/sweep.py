@@ -3,9 +3,9 @@ r"""Run a study: `python -m itjax.sweep --gin_file=studies/smoke.gin --out_dir=S
 
 A study is a gin file binding the `study` configurable (the grid; see itjax/study.py for the gin surface and how
 cells expand). Each cell is an ordinary `python -m itjax.train` run with MODEL_DIR = STUDY/<run id> (config.gin,
-metrics.jsonl, predictions/ as usual), started as a subprocess, so a crash is contained and recorded; its output
-goes to STUDY/<run id>/train.log. The runs share a persistent JAX compilation cache, STUDY/jax_cache (unless
-JAX_COMPILATION_CACHE_DIR is set). A stage-1 (pre_stage) run is exported with `python -m itjax.convert --from_run`
+metrics.jsonl, predictions/ as usual), started as a subprocess, so a crash is contained and recorded (or, with
+--runner inprocess, called in the sweep's own process); its output goes to STUDY/<run id>/train.log. The runs share
+a persistent JAX compilation cache, STUDY/jax_cache (unless JAX_COMPILATION_CACHE_DIR is set). A stage-1 (pre_stage) run is exported with `python -m itjax.convert --from_run`
 to STUDY/<run id>/export once it finishes, and the runs built on it start from that export.
 
 State: one JSON file per run, STUDY/runs/<run id>.json ({run_id, stage, cell, model_dir, depends_on, state:
@@ -29,6 +29,10 @@ Flags:
   --slurm SCRIPT           write a SLURM array script (one array index per shard; --num_shards, or n of --shard)
                            instead of running; --slurm_directive '#SBATCH ...' lines (repeatable) are added to it.
   --skip_failed            leave failed runs failed instead of retrying them.
+  --runner inprocess       run every run (and export) in the sweep's own process instead of one `python -m`
+                           process each: imports, SuperNI registrations and compiled programs are reused, so many
+                           small runs go much faster; a run that kills the interpreter stops the sweep (rerun it
+                           to resume). Default: subprocess.
   --gin_search_paths DIRS  comma-separated folders for gin files (study and runs).
 """
 
@@ -233,6 +237,45 @@ def subprocess_runner(command: list, log_path: str) -> int:
         return subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def inprocess_runner(command: list, log_path: str) -> int:
+    """Runs `python -m itjax.train|itjax.convert ARGS` as a call of that module's `main(ARGS)` in this process,
+    with stdout / stderr (Python-level) appended to `log_path`; returns its exit status (1 for an exception, whose
+    traceback goes to the log). Runs of one study share shapes, so later runs reuse the process's imports, the
+    SuperNI registrations' parsed files and JAX's compilation caches instead of paying for them again; the price is
+    isolation: a run that crashes the interpreter (or leaks memory) takes the sweep with it."""
+    import importlib
+    import traceback
+
+    import gin
+
+    if "-m" not in command or command[command.index("-m") + 1] not in INPROCESS_MODULES:
+        raise ValueError(f"inprocess_runner runs only `python -m {' / '.join(INPROCESS_MODULES)}`, not {command}")
+    module = command[command.index("-m") + 1]
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        log.write(f"\n# {_now()} (in-process) {shlex.join(command)}\n")
+        log.flush()
+        gin.clear_config()
+        try:
+            status = importlib.import_module(module).main(command[command.index("-m") + 2:])
+        except SystemExit as e:  # argparse errors; itjax.convert's SystemExit(message)
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=log)
+            status = e.code if isinstance(e.code, int) or e.code is None else 1
+        except Exception:  # noqa: BLE001  (the run's failure, recorded from its log like a subprocess's)
+            traceback.print_exc(file=log)
+            status = 1
+        finally:
+            gin.clear_config()
+            log.flush()
+    return int(status or 0)
+
+
+INPROCESS_MODULES = ("itjax.train", "itjax.convert")
+RUNNERS = {"subprocess": subprocess_runner, "inprocess": inprocess_runner}
+
+
 def _tail(path: str, lines: int = ERROR_TAIL_LINES) -> str:
     if not os.path.isfile(path):
         return ""
@@ -297,6 +340,21 @@ def execute(run: Run, study_dir: str, search_paths: Sequence[str] = (), runner: 
     return "done"
 
 
+def share_compilation_cache(study_dir: str) -> None:
+    """Runs of a study share shapes: one persistent JAX compilation cache, STUDY/jax_cache (unless
+    JAX_COMPILATION_CACHE_DIR is set), lets later runs load a program instead of compiling it, every program (the
+    small decode and init programs too: no minimum compile time unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+    is set). Set in the environment for subprocess runs and in jax.config for in-process ones."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(study_dir), "jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if "jax" in sys.modules:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
 def mark_planned(study_dir: str, runs: Sequence[Run]) -> int:
     """Writes a 'planned' state file for every run that has none yet; returns how many were written."""
     new = [run for run in runs if read_state(study_dir, run.run_id) is None]
@@ -306,9 +364,11 @@ def mark_planned(study_dir: str, runs: Sequence[Run]) -> int:
 
 
 def write_plan(study_dir: str, st: study_lib.Study, runs: Sequence[Run]) -> str:
-    """STUDY/study.json: the study's name and every run (id, stage, cell, depends_on); a different earlier plan is
-    kept as study.<n>.json."""
-    plan = {"name": st.name, "runs": [{"run_id": r.run_id, "stage": r.stage, "cell": r.cell,
+    """STUDY/study.json: the study's name, its axes in grid order (the pre_stage axis last), its report options
+    (study.report, filled in) and every run (id, stage, cell, depends_on); a different earlier plan is kept as
+    study.<n>.json."""
+    axes = list(st.axes) + ([st.pre_stage["axis"]] if st.pre_stage else [])
+    plan = {"name": st.name, "axes": axes, "report": study_lib.report_options(st), "runs": [{"run_id": r.run_id, "stage": r.stage, "cell": r.cell,
                                        "depends_on": r.depends_on} for r in runs]}
     path = os.path.join(study_dir, "study.json")
     if os.path.isfile(path):
@@ -366,6 +426,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--slurm_directive", action="append", default=[], help="--slurm: an extra '#SBATCH ...' "
                         "line (repeatable), e.g. '#SBATCH --gres=gpu:1'")
     parser.add_argument("--skip_failed", action="store_true", help="do not retry runs recorded as failed")
+    parser.add_argument("--runner", choices=sorted(RUNNERS), default="subprocess",
+                        help="subprocess: each run (and export) in its own `python -m` process (isolated); "
+                        "inprocess: all in this process, reusing imports, registrations and compiled programs "
+                        "(faster for many small runs, e.g. the smoke study)")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(rest)
     if not args.gin_file:
@@ -408,14 +472,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_plan(mine, figures, args.out_dir))
         return 0
     os.makedirs(args.out_dir, exist_ok=True)
-    # Runs of a study share shapes: one persistent JAX compilation cache lets later runs load instead of compile.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.out_dir), "jax_cache"))
+    share_compilation_cache(args.out_dir)
     write_plan(args.out_dir, st, runs)
     mark_planned(args.out_dir, mine)
     states = {}
     for i, run in enumerate(mine):
         print(f"[{i + 1}/{len(mine)}] {run.run_id} ...", flush=True)
-        states[run.run_id] = execute(run, args.out_dir, search_paths, skip_failed=args.skip_failed)
+        states[run.run_id] = execute(run, args.out_dir, search_paths, runner=RUNNERS[args.runner],
+                                     skip_failed=args.skip_failed)
         print(f"[{i + 1}/{len(mine)}] {run.run_id}: {states[run.run_id]}", flush=True)
     failed = [r for r, s in states.items() if s == "failed"]
     print(f"{len(states) - len(failed)} of {len(states)} runs done"

@@ -266,3 +266,42 @@ def test_stage1_export_is_redone_after_a_half_written_one(tmp_path):
     other = next(r for r in study_lib.expand(_staged()) if r.stage == "pre" and r.run_id != stage1.run_id)
     assert sweep.execute(other, str(tmp_path), runner=lambda command, log_path: 0) == "failed"
     assert "export wrote nothing" in sweep.read_state(str(tmp_path), other.run_id)["error"]
+
+
+@needs_superni
+def test_inprocess_runner_records_a_failing_run_and_refuses_other_commands(tmp_path):
+    path = _write_study(tmp_path, bindings_extra="'train.no_such_option = 3'")
+    run = study_lib.expand(study_lib.load_study([path]))[0]
+    out = str(tmp_path / "s")
+    assert sweep.execute(run, out, runner=sweep.inprocess_runner) == "failed"
+    rec = sweep.read_state(out, run.run_id)
+    assert "exited with status 2" in rec["error"] and "train.no_such_option" in rec["error"]
+    with open(os.path.join(out, run.run_id, "train.log")) as f:
+        assert "(in-process) " in f.read()
+    log = tmp_path / "export.log"  # itjax.convert stops with SystemExit(message): the message goes to the log
+    status = sweep.inprocess_runner(["python", "-m", "itjax.convert", "--from_run", str(tmp_path / "no_run"),
+                                     "--out_dir", str(tmp_path / "export")], str(log))
+    assert status == 1 and "itjax.convert: " in log.read_text() and "no_run" in log.read_text()
+    with pytest.raises(ValueError, match="runs only `python -m itjax.train / itjax.convert`"):
+        sweep.inprocess_runner(["python", "-m", "itjax.sweep"], str(tmp_path / "log"))
+    import gin
+    assert not gin.config._CONFIG  # the run's bindings are cleared after it
+
+
+def test_study_report_options_are_filled_in_and_stored_in_the_plan(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    st = _study(report={"superni_dir": "${root}", "references": [{"name": "r", "value": 1.5,
+                                                                   "where": {"size": "${root}"}}]},
+                variables={"root": "data"})
+    options = study_lib.report_options(st)
+    assert options == {"superni_dir": str(tmp_path / "data"),  # an existing folder is made absolute
+                       "references": [{"name": "r", "value": 1.5, "where": {"size": "data"}}]}
+    sweep.write_plan(str(tmp_path / "s"), st, study_lib.expand(st))
+    plan = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert plan["report"] == options and plan["axes"] == ["setting", "size"]
+    with pytest.raises(ConfigError, match=r"study.report.*\$\{nope\}"):
+        study_lib.report_options(_study(report={"superni_dir": "${nope}"}))
+    ql = study_lib.load_study(["studies/quick_learners.gin"])  # gin's tuples / frozen dicts become JSON-able
+    refs = study_lib.report_options(ql)["references"]
+    assert json.loads(json.dumps(refs)) == refs and len(refs) == 7 and refs[0]["value"] == 54.30
