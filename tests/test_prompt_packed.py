@@ -57,6 +57,12 @@ def _llama(bos_id=None):
 FAMILIES = {"t5": (_t5, "start"), "llama": (_llama, "start"), "llama_after_bos": (lambda: _llama(2), "after_bos")}
 
 
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def setup(request):
+    """(family, model, prompt-tuned module, unpacked rows, packed rows with prompt slots), built once per family."""
+    return (request.param,) + _setup(request.param)
+
+
 def _setup(family):
     make, position = FAMILIES[family]
     model, module = make()
@@ -72,13 +78,13 @@ def _token_log_probs(model, module, rows):
     graphdef, adapter, rest = nnx.split(module, AdapterParam, ...)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
 
-    def f(adapter):
+    def f(adapter, batch):
         logits = model.logits(nnx.merge(graphdef, adapter, rest), batch)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["decoder_target_tokens"][..., None], -1)[..., 0]
         lp = lp * (batch["decoder_loss_weights"] > 0)
         return jnp.sum(lp), lp
 
-    grads, lp = jax.grad(f, has_aux=True)(adapter)
+    grads, lp = jax.jit(jax.grad(f, has_aux=True))(adapter, batch)
     return np.asarray(lp), np.asarray(grads["input_prompt"]["embedding"][...])
 
 
@@ -88,9 +94,8 @@ def _per_segment(values, segment_ids):
                      for s in range(1, segment_ids[r].max() + 1)])
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_rows_equal_their_examples_one_per_row(family):
-    model, module, unpacked, packed = _setup(family)
+def test_packed_rows_equal_their_examples_one_per_row(setup):
+    family, model, module, unpacked, packed = setup
     slots = packed[ENCODER_SLOTS if family == "t5" else DECODER_SLOTS]
     segments = packed["decoder_segment_ids"]
     assert len(packed["decoder_segment_ids"]) < len(EXAMPLES) and segments.max() >= 2  # rows really hold several
@@ -104,10 +109,9 @@ def test_packed_rows_equal_their_examples_one_per_row(family):
     np.testing.assert_allclose(grad_packed, grad_unpacked, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_segment_does_not_see_another_segments_prompt(family):
+def test_a_segment_does_not_see_another_segments_prompt(setup):
     """Scrambling the prompt slots of a row's first segment changes that segment's outputs and nothing else."""
-    model, module, _, packed = _setup(family)
+    family, model, module, _, packed = setup
     key = ENCODER_SLOTS if family == "t5" else DECODER_SLOTS
     first = (packed["encoder_segment_ids"] if family == "t5" else packed["decoder_segment_ids"]) == 1
     scrambled = dict(packed)
@@ -154,6 +158,7 @@ def test_converters_reserve_the_slots_as_the_unpacked_hook_places_the_prompt():
     np.testing.assert_array_equal(kept[P:], list(range(30, 42)))  # the last example keeps its first 12 inputs
 
 
+@pytest.mark.slow
 def test_a_short_packed_training_run_learns():
     """Prompt tuning of a small T5 on packed quickstart rows through the Trainer: the loss goes down."""
     model = EncoderDecoderModel(T5Config(vocab_size=640, d_model=32, num_heads=2, d_kv=16, d_ff=64,
@@ -173,6 +178,24 @@ def test_a_short_packed_training_run_learns():
         losses.append(float(metrics["loss"]))
     assert segments >= 2 and ENCODER_SLOTS in batch
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+
+
+def test_train_dry_run_compiles_packed_prompt_tuning(tmp_path, monkeypatch, capsys):
+    """`itjax.train --dry_run` builds the packed rows' shapes with the prompt slots (inputs + P)."""
+    from itjax import dry_run as dry_run_lib
+    from itjax import train as train_lib
+    monkeypatch.chdir(tmp_path)
+    shapes, abstract_batch = {}, dry_run_lib.abstract_batch
+    monkeypatch.setattr(dry_run_lib, "abstract_batch", lambda *a, **k: shapes.update(abstract_batch(*a, **k)) or
+                        shapes)
+    code = train_lib.main(["--gin_file=models/t5_1_1_quickstart.gin", "--gin_file=runs/train.gin",
+                           "--gin_file=peft/prompt_tuning.gin",
+                           "--dry_run", "--gin.train.pack=True", "--gin.BATCH_SIZE=8",
+                           "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "parameters:" in captured.out
+    assert shapes["encoder_input_tokens"].shape == shapes[ENCODER_SLOTS].shape == (8, 32 + 20)  # P = 20 slots
 
 
 def test_bad_input_is_named():
