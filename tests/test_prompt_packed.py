@@ -212,3 +212,7 @@ def test_bad_input_is_named():
     _, t5 = _t5()
     with pytest.raises(ValueError, match="encoder_prompt_slots given but the model has no input_prompt"):
         t5(tokens, tokens, encoder_prompt_slots=jnp.zeros((1, 4), jnp.int32))
+    _, prompted, _, packed = _setup("t5")
+    with pytest.raises(ValueError, match="packed rows .* with an input_prompt need encoder_prompt_slots"):
+        prompted(packed["encoder_input_tokens"], packed["decoder_input_tokens"],
+                 encoder_segment_ids=packed["encoder_segment_ids"], decoder_segment_ids=packed["decoder_segment_ids"])

@@ -529,6 +529,10 @@ class T5(nnx.Module):
     def _prompted_ids(self, encoder_input_tokens, encoder_segment_ids=None, prompt_slots=None):
         if self.input_prompt is None or prompt_slots is not None:
             return _mark_prompt_slots(self.input_prompt, encoder_input_tokens, prompt_slots), encoder_segment_ids
+        if encoder_segment_ids is not None:  # one prompt in front of the row would serve its first example only
+            raise ValueError("T5: packed rows (encoder_segment_ids) with an input_prompt need encoder_prompt_slots: "
+                             "build them with feature_converter(pack=True, "
+                             "**PromptTuning.feature_converter_kwargs(True)).")
         return self.input_prompt.insert_ids(encoder_input_tokens, encoder_segment_ids)
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):

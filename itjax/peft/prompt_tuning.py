@@ -81,7 +81,7 @@ class Prompt(nnx.Module):
 
     def fill(self, x: jax.Array, slots: jax.Array) -> jax.Array:
         """Packed rows: embedded x [batch, l, embed] with prompt vector k written where slots [batch, l] == k + 1
-        (slots 0: x unchanged). Slot numbers above P give NaN (jnp.take's fill), never another row's vector."""
+        (slots 0: x unchanged). Slot numbers above P give NaN (jnp.take's fill) rather than a wrong vector."""
         vectors = jnp.take(self.embedding[...].astype(x.dtype), jnp.maximum(slots - 1, 0), axis=0)
         return jnp.where((slots > 0)[..., None], vectors, x)
 
