@@ -180,6 +180,7 @@ def test_a_short_packed_training_run_learns():
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
 
 
+@pytest.mark.slow
 def test_train_dry_run_compiles_packed_prompt_tuning(tmp_path, monkeypatch, capsys):
     """`itjax.train --dry_run` builds the packed rows' shapes with the prompt slots (inputs + P)."""
     from itjax import dry_run as dry_run_lib
