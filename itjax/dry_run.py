@@ -18,6 +18,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
+from itjax.peft.core import feature_converter_kwargs
 from itjax.trainer import Trainer
 
 
@@ -91,7 +92,7 @@ def saved_activation_bytes(trainer: Trainer, batch: Mapping[str, jax.ShapeDtypeS
 
 def report(trainer: Trainer, task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool) -> dict:
     """Compiles the train step abstractly; returns the figures (bytes are per device)."""
-    converter = trainer.model.feature_converter(pack=pack)
+    converter = trainer.model.feature_converter(pack=pack, **feature_converter_kwargs(trainer.peft, pack))
     batch = abstract_batch(converter, task_feature_lengths, batch_size, trainer.partitioner.batch_sharding)
     start = time.perf_counter()
     compiled = trainer.compile_train_step(batch)

@@ -174,7 +174,8 @@ def train(*, model_dir: str | None = None, mixture_or_task_name: str | None = No
     def build_batches(step: int = 0, fresh_shuffle: bool = False, skip: int = 0) -> pipeline.TrainBatches:
         # fresh_shuffle (train.reset_data_position): a new shuffle seeded by the step, not the start of the stream.
         ds = pipeline.train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
-                                    model.feature_converter_cls(pack=pack),
+                                    model.feature_converter_cls(
+                                        pack=pack, **peft_lib.core.feature_converter_kwargs(peft, pack)),
                                     seed=random_seed + step if fresh_shuffle else random_seed, skip_batches=skip)
         batches = pipeline.TrainBatches(ds)
         batches.batches_consumed = step

@@ -271,7 +271,8 @@ def test_prompt_tuning_initialisations(t5):
     (lambda: PromptTuning(length=30, max_input_length=128), ({"inputs": 112, "targets": 8}, False),
      r"PromptTuning.length=30 no longer fits: TASK_FEATURE_LENGTHS\['inputs'\]=112 \+ 30 prompt vectors > "
      r"PromptTuning.max_input_length=128; set TASK_FEATURE_LENGTHS\['inputs'\] <= 98"),
-    (lambda: PromptTuning(length=8), ({"inputs": 112, "targets": 8}, True), "set train.pack = False"),
+    (lambda: PromptTuning(length=16), ({"inputs": 16, "targets": 8}, True),
+     r"PromptTuning.length=16 is not shorter than TASK_FEATURE_LENGTHS\['inputs'\]=16: packed rows reserve"),
 ])
 def test_bad_prompt_tuning_settings_are_named(make, settings, message):
     with pytest.raises(PeftConfigError, match=message):

@@ -19,7 +19,8 @@ for vocabularies where id 0 is a real token, e.g. Llama 3's "!"). Real positions
 Length: the model length is inputs + targets from TASK_FEATURE_LENGTHS; the prompt is cut to `inputs` and the
 targets to `targets` tokens before the sequence is built, so `bos + inputs + targets - 1` always fits.
 Packing (`pack=True`) concatenates whole examples with seqio's packer (values shifted by one around it, see
-`_convert_features`): attention and positions restart per segment.
+`_convert_features`): attention and positions restart per segment. `prompt_slots` P > 0 (prompt tuning on packed
+rows) reserves P slots in every example at `prompt_offset` and adds `decoder_prompt_slots` (`itjax.data.prompt_slots`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Mapping
 
 import seqio
 import tensorflow as tf
+
+from itjax.data import prompt_slots as slots_lib
 
 PROMPT = "inputs"
 TARGETS = "targets"
@@ -42,15 +45,21 @@ class DecoderFeatureConverter(seqio.FeatureConverter):
     Args:
       pack: pack several examples per row (segment ids and restarted positions keep them apart).
       bos_id: token prepended to every sequence (Llama's <|begin_of_text|> / <s>); None for no BOS.
+      prompt_slots, prompt_offset: P slots for a soft prompt at this index of every example (0: before the first
+        token, 1: after BOS); rows get P more positions and `decoder_prompt_slots`.
     """
 
     TASK_FEATURES = {TARGETS: _INT}
     MODEL_FEATURES = {name: _INT for name in _FEATURES + ("decoder_segment_ids", "decoder_positions")}
     PACKING_FEATURE_DTYPES = {}
 
-    def __init__(self, pack: bool = True, bos_id: int | None = None, **kwargs):
+    def __init__(self, pack: bool = True, bos_id: int | None = None, prompt_slots: int = 0, prompt_offset: int = 0,
+                 **kwargs):
         super().__init__(pack=pack, **kwargs)
         self.decoder_bos_id = bos_id
+        self.prompt_slots, self.prompt_offset = int(prompt_slots), int(prompt_offset)
+        if self.prompt_slots:
+            self.MODEL_FEATURES = {**self.MODEL_FEATURES, slots_lib.DECODER_SLOTS: _INT}
 
     def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
         # `inputs` is optional: the task features are whichever of inputs / targets the lengths name.
@@ -61,7 +70,7 @@ class DecoderFeatureConverter(seqio.FeatureConverter):
         return super().__call__(ds, task_feature_lengths)
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
-        length = sum(task_feature_lengths.get(k, 0) for k in (PROMPT, TARGETS))
+        length = sum(task_feature_lengths.get(k, 0) for k in (PROMPT, TARGETS)) + self.prompt_slots
         return {name: length for name in self.MODEL_FEATURES}
 
     def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
@@ -90,11 +99,17 @@ class DecoderFeatureConverter(seqio.FeatureConverter):
 
         ds = ds.map(to_row, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.filter(lambda ex: tf.size(ex["decoder_input_tokens"]) > 0)  # a lone token has nothing to predict
-        lengths = {name: prompt_length + target_length for name in _FEATURES}
+        slots, offset = self.prompt_slots, self.prompt_offset
+        if slots:  # slot tokens / targets 0 (no text, no loss), prompt-side, in the example's segment
+            fill = dict.fromkeys(_FEATURES + ("decoder_positions",), 0) | {"decoder_causal_attention": 1,
+                                                                             "decoder_segment_ids": 1}
+            ds = ds.map(lambda ex: slots_lib.insert_slots(ex, slots, offset, fill) | {
+                "decoder_positions": tf.range(tf.size(ex["decoder_positions"]) + slots, dtype=tf.int32)})
+        lengths = {name: prompt_length + target_length + slots for name in _FEATURES}
         if not self.pack:
             lengths.update(decoder_segment_ids=lengths["decoder_input_tokens"],
                            decoder_positions=lengths["decoder_input_tokens"])
-            return seqio.utils.trim_and_pad_dataset(ds, lengths)
+            return self._mark_slots(seqio.utils.trim_and_pad_dataset(ds, lengths))
         # seqio's packer finds each example's length by counting non-zero values, which would cut loss weights
         # at their first 0 and drop real 0 ids (Llama 3's "!"); shifting every value by +1 makes lengths exact.
         ds = ds.map(lambda ex: {k: ex[k] + 1 for k in _FEATURES})
@@ -107,4 +122,10 @@ class DecoderFeatureConverter(seqio.FeatureConverter):
             row["decoder_positions"] = ex["decoder_target_tokens_positions"]
             return row
 
-        return packed.map(unshift, num_parallel_calls=tf.data.AUTOTUNE)
+        return self._mark_slots(packed.map(unshift, num_parallel_calls=tf.data.AUTOTUNE))
+
+    def _mark_slots(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        if not self.prompt_slots:
+            return ds
+        return ds.map(lambda row: row | {slots_lib.DECODER_SLOTS: slots_lib.slot_numbers(
+            row["decoder_positions"], row["decoder_segment_ids"], self.prompt_slots, self.prompt_offset)})

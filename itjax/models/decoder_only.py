@@ -83,7 +83,8 @@ class DecoderOnlyModel(BaseModel):
     def logits(self, module: Llama, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Teacher-forced logits [batch, length, vocab] float32; position t scores decoder_target_tokens[t]."""
         return module(batch["decoder_input_tokens"], positions=batch["decoder_positions"],
-                      segment_ids=batch["decoder_segment_ids"], dropout_rng=dropout_rng)
+                      segment_ids=batch["decoder_segment_ids"], prompt_slots=batch.get("decoder_prompt_slots"),
+                      dropout_rng=dropout_rng)
 
     def decode_fns(self, module: Llama, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
         """Continuation of each row's prompt: the `decoder_causal_attention` tokens of `decoder_input_tokens`

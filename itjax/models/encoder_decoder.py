@@ -18,6 +18,7 @@ import seqio
 from flax import nnx
 
 from itjax import flops, losses
+from itjax.data.prompt_slots import PromptSlotsEncDecFeatureConverter
 from itjax.models import decoding
 from itjax.models.base import BaseModel
 from itjax.models.t5 import T5, T5Config
@@ -59,9 +60,16 @@ class EncoderDecoderModel(BaseModel):
                  loss_normalizing_factor: float | str | None = losses.NUM_REAL_TARGET_TOKENS):
         super().__init__(config, z_loss=z_loss, loss_normalizing_factor=loss_normalizing_factor)
 
-    def feature_converter(self, pack: bool = True, **kwargs) -> seqio.FeatureConverter:
-        """`seqio.EncDecFeatureConverter` (kwargs go to it)."""
-        return seqio.EncDecFeatureConverter(pack=pack, **kwargs)
+    def feature_converter(self, pack: bool = True, prompt_slots: int = 0, prompt_offset: int = 0,
+                          **kwargs) -> seqio.FeatureConverter:
+        """`seqio.EncDecFeatureConverter` (kwargs go to it); with `prompt_slots` P (prompt tuning on packed rows)
+        its subclass reserving P encoder slots per example (`itjax.data.prompt_slots`; T5's prompt is always at
+        the start: `prompt_offset` must be 0)."""
+        if not prompt_slots:
+            return seqio.EncDecFeatureConverter(pack=pack, **kwargs)
+        if prompt_offset:
+            raise ValueError(f"prompt_offset={prompt_offset}: T5's prompt slots are at the start of the inputs.")
+        return PromptSlotsEncDecFeatureConverter(prompt_slots, pack=pack, **kwargs)
 
     def attention_shape(self) -> flops.AttentionShape:
         c = self.config
@@ -78,7 +86,7 @@ class EncoderDecoderModel(BaseModel):
             batch["encoder_input_tokens"], batch["decoder_input_tokens"],
             encoder_segment_ids=batch.get("encoder_segment_ids"), decoder_segment_ids=batch.get("decoder_segment_ids"),
             encoder_positions=batch.get("encoder_positions"), decoder_positions=batch.get("decoder_positions"),
-            dropout_rng=dropout_rng)
+            encoder_prompt_slots=batch.get("encoder_prompt_slots"), dropout_rng=dropout_rng)
 
     def decode_fns(self, module: T5, batch: Batch, max_decode_length: int) -> decoding.DecodeFns:
         """Decoding of each row's `encoder_input_tokens` (unpacked); the other features are not read."""

@@ -380,6 +380,7 @@ class Llama(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        prompt_slots: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Teacher-forced causal pass: int tokens [batch, length] -> logits [batch, length, vocab] float32.
@@ -387,12 +388,19 @@ class Llama(nnx.Module):
         positions: [batch, length] rotary positions; default arange (packed rows restart them per segment).
         segment_ids: [batch, length] packing ids (attention only within a segment; 0 = padding); None = one
             sequence per row (right padding then needs no mask: real positions never attend to later pads).
+        prompt_slots: [batch, length] where packed rows hold the `input_prompt` (itjax.data.prompt_slots); the
+            rows' positions already count it.
         """
         batch, length = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self.embed_tokens(tokens)
-        if self.input_prompt is not None:
+        inserted = self.input_prompt is not None and prompt_slots is None
+        if prompt_slots is not None:
+            if self.input_prompt is None:
+                raise ValueError("Llama: prompt_slots given but the model has no input_prompt (PromptTuning).")
+            x = self.input_prompt.fill(x, prompt_slots)
+        if inserted:
             x, positions, segment_ids = self.input_prompt.insert_sequence(x, positions, segment_ids)
         mask = attention.CausalMask(causal_segment_mask(segment_ids, x.shape[1], self.config.sliding_window),
                                     segment_ids, self.config.sliding_window)
@@ -408,7 +416,7 @@ class Llama(nnx.Module):
                         c.remat_policy)
             for layer, rng in zip(self.layers, split_rng(dropout_rng, c.num_layers)):
                 x = run(layer, x, positions, mask, rng)
-        if self.input_prompt is not None:
+        if inserted:
             x = self.input_prompt.remove(x)
         return self._logits(self.norm(x))
 

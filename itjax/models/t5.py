@@ -507,6 +507,15 @@ class Decoder(nnx.Module):
         return self.final_norm(y), cache
 
 
+def _mark_prompt_slots(prompt, tokens: jax.Array, slots: jax.Array | None) -> jax.Array:
+    """Tokens as masks see them: the packed prompt slots (token 0) become real."""
+    if slots is None:
+        return tokens
+    if prompt is None:
+        raise ValueError("T5: encoder_prompt_slots given but the model has no input_prompt (PromptTuning).")
+    return prompt.mark_slots(tokens, slots)
+
+
 class T5(nnx.Module):
     """T5 encoder-decoder. See the module docstring for the parameter tree and masking conventions."""
 
@@ -515,9 +524,15 @@ class T5(nnx.Module):
     # (`insert_ids`), so the encoder, cross-attention and decoding all see P + l_in positions.
     input_prompt = None
 
-    def _prompted_ids(self, encoder_input_tokens, encoder_segment_ids=None):
-        if self.input_prompt is None:
-            return encoder_input_tokens, encoder_segment_ids
+    # Packed rows instead carry P prompt slots per segment (`encoder_prompt_slots`, itjax.data.prompt_slots): the
+    # prompt is written into them (`fill`, `mark_slots`) and the lengths stay.
+    def _prompted_ids(self, encoder_input_tokens, encoder_segment_ids=None, prompt_slots=None):
+        if self.input_prompt is None or prompt_slots is not None:
+            return _mark_prompt_slots(self.input_prompt, encoder_input_tokens, prompt_slots), encoder_segment_ids
+        if encoder_segment_ids is not None:  # one prompt in front of the row would serve its first example only
+            raise ValueError("T5: packed rows (encoder_segment_ids) with an input_prompt need encoder_prompt_slots: "
+                             "build them with feature_converter(pack=True, "
+                             "**PromptTuning.feature_converter_kwargs(True)).")
         return self.input_prompt.insert_ids(encoder_input_tokens, encoder_segment_ids)
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
@@ -540,14 +555,17 @@ class T5(nnx.Module):
         encoder_input_tokens: jax.Array,
         encoder_segment_ids: jax.Array | None = None,
         *,
+        prompt_slots: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """int32 tokens [batch, l_in] (0 = padding), optional segment ids [batch, l_in] -> [batch, l_in, embed]
-        ([batch, P + l_in, embed] with an `input_prompt` of P vectors)."""
+        ([batch, P + l_in, embed] with an `input_prompt` of P vectors, unless `prompt_slots` [batch, l_in] give
+        the prompt's places in packed rows)."""
         x = self.shared(encoder_input_tokens)
         if self.input_prompt is not None:
-            x = self.input_prompt.insert(x)
-        encoder_input_tokens, encoder_segment_ids = self._prompted_ids(encoder_input_tokens, encoder_segment_ids)
+            x = self.input_prompt.insert(x) if prompt_slots is None else self.input_prompt.fill(x, prompt_slots)
+        encoder_input_tokens, encoder_segment_ids = self._prompted_ids(encoder_input_tokens, encoder_segment_ids,
+                                                                       prompt_slots)
         mask = encoder_attention_mask(encoder_input_tokens, encoder_segment_ids)
         x = with_logical_constraint(x, HIDDEN_AXES)
         return self.encoder(x, mask, dropout_rng=dropout_rng)
@@ -560,6 +578,7 @@ class T5(nnx.Module):
         *,
         encoder_segment_ids: jax.Array | None = None,
         decoder_segment_ids: jax.Array | None = None,
+        encoder_prompt_slots: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Teacher-forced decoder: logits [batch, l_out, vocab] float32.
@@ -570,7 +589,8 @@ class T5(nnx.Module):
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise ValueError("T5.decode: pass both encoder_segment_ids and decoder_segment_ids (packed) or neither")
         self_mask = decoder_attention_mask(decoder_input_tokens.shape[1], decoder_segment_ids)
-        encoder_input_tokens, encoder_segment_ids = self._prompted_ids(encoder_input_tokens, encoder_segment_ids)
+        encoder_input_tokens, encoder_segment_ids = self._prompted_ids(encoder_input_tokens, encoder_segment_ids,
+                                                                       encoder_prompt_slots)
         cross_mask = cross_attention_mask(encoder_input_tokens, encoder_segment_ids, decoder_segment_ids)
         y = with_logical_constraint(self.shared(decoder_input_tokens), HIDDEN_AXES)
         y = self.decoder(y, encoded, self_mask, cross_mask, dropout_rng=dropout_rng)
@@ -585,22 +605,26 @@ class T5(nnx.Module):
         decoder_segment_ids: jax.Array | None = None,
         encoder_positions: jax.Array | None = None,
         decoder_positions: jax.Array | None = None,
+        encoder_prompt_slots: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Full forward pass: logits [batch, l_out, vocab] float32.
 
         `encoder_positions` / `decoder_positions` (seqio packing features) are accepted so a packed batch can be
         passed as is, and ignored: relative positions from `arange` are equivalent within each segment.
+        `encoder_prompt_slots` [batch, l_in]: where packed rows hold the `input_prompt` (itjax.data.prompt_slots).
         """
         del encoder_positions, decoder_positions
         encoder_rng, decoder_rng = split_rng(dropout_rng, 2)
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, dropout_rng=encoder_rng)
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, prompt_slots=encoder_prompt_slots,
+                              dropout_rng=encoder_rng)
         return self.decode(
             encoded,
             encoder_input_tokens,
             decoder_input_tokens,
             encoder_segment_ids=encoder_segment_ids,
             decoder_segment_ids=decoder_segment_ids,
+            encoder_prompt_slots=encoder_prompt_slots,
             dropout_rng=decoder_rng,
         )
 

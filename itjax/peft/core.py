@@ -46,6 +46,7 @@ class PeftMethod(abc.ABC):
       applies it after the base weights are loaded. `rngs.params()` draws the adapter's initialisation keys.
     check(task_feature_lengths, pack, task=None): raises PeftConfigError when the method cannot run on these
       features (`task`, the seqio task or mixture, lets a method read its vocabulary).
+    feature_converter_kwargs(pack): what the training rows' feature converter needs for the method (default none).
     dropout_rate: > 0 when the adapter applies dropout (the trainer then provides `adapter_dropout` keys).
     """
 
@@ -58,6 +59,12 @@ class PeftMethod(abc.ABC):
 
     def check(self, task_feature_lengths: dict, pack: bool, task=None) -> None:
         del task_feature_lengths, pack, task
+
+    def feature_converter_kwargs(self, pack: bool) -> dict:
+        """Extra keyword arguments for the model's `feature_converter(pack=...)` of the training rows (prompt
+        tuning: the prompt slots of packed rows)."""
+        del pack
+        return {}
 
     def check_layout(self, abstract_base) -> None:
         """Raises PeftConfigError when the frozen base as the method stores it (ShapeDtypeStructs carrying their
@@ -221,3 +228,9 @@ def submodule_dict(tree: dict, path: Sequence) -> dict:
                                   "belongs to another model.")
         node = node[key]
     return node
+
+
+def feature_converter_kwargs(method: PeftMethod | None, pack: bool) -> dict:
+    """`method.feature_converter_kwargs(pack)`, {} without a PEFT method: for `model.feature_converter(pack=pack,
+    **...)` wherever training rows are built."""
+    return {} if method is None else method.feature_converter_kwargs(pack)

@@ -4,7 +4,10 @@ T5: the prompt is a prefix of the encoder input; the encoder, cross-attention an
 and the prompt positions are never masked. Llama: the P vectors are inserted into the token sequence at the start
 (`position='start'`) or after the first token (`'after_bos'`: rows that begin with BOS); tokens after the insertion
 point move P rotary positions on, and the prompt positions' outputs are dropped, so logits keep the input's length.
-Packed rows (several examples per row) are not supported: only a row's first example would see the prompt.
+Packed rows (`train.pack = True`): every example gets its own prompt at its own start. The feature converter reserves
+P slots per example (`feature_converter_kwargs`, itjax.data.prompt_slots) with the positions and segment ids the
+unpacked insertion gives, and the model hook writes the prompt into them (`Prompt.fill`), so a packed row computes
+what its examples compute one per row. Evaluation and inference rows stay unpacked (the insertion above).
 
 Initialisations, as the prompt-tuning paper and repo:
   'uniform'        U(-init_range, init_range) (the repo's 0.5 default)
@@ -76,6 +79,17 @@ class Prompt(nnx.Module):
             segment_ids = self._insert(segment_ids, self._repeat(segment_ids[:, self.offset]))
         return self.insert(x), positions, segment_ids
 
+    def fill(self, x: jax.Array, slots: jax.Array) -> jax.Array:
+        """Packed rows: embedded x [batch, l, embed] with prompt vector k written where slots [batch, l] == k + 1
+        (slots 0: x unchanged). Slot numbers above P give NaN (jnp.take's fill) rather than a wrong vector."""
+        vectors = jnp.take(self.embedding[...].astype(x.dtype), jnp.maximum(slots - 1, 0), axis=0)
+        return jnp.where((slots > 0)[..., None], vectors, x)
+
+    @staticmethod
+    def mark_slots(tokens: jax.Array, slots: jax.Array) -> jax.Array:
+        """Packed rows: tokens [batch, l] as padding masks see them (prompt slots, token 0 in the data, real)."""
+        return jnp.where(slots > 0, jnp.ones_like(tokens), tokens)
+
     def remove(self, x: jax.Array) -> jax.Array:
         """[batch, l + P, ...] -> [batch, l, ...]: drops the prompt positions."""
         return jnp.concatenate([x[:, :self.offset], x[:, self.offset + self.length:]], axis=1)
@@ -137,10 +151,15 @@ class PromptTuning(core.PeftMethod):
         return f"PromptTuning(length={self.length}, position={self.position!r}, init={self.init!r})"
 
     def check(self, task_feature_lengths: dict, pack: bool, task=None) -> None:
-        if pack:
-            raise PeftConfigError("PromptTuning needs unpacked rows (one example per row, as the prompt-tuning repo "
-                                  "trains): set train.pack = False.")
         inputs = task_feature_lengths.get("inputs", 0)
+        if pack:  # a row holds length + P slots, each example P + its own tokens: P >= length leaves no room for two
+            key = "inputs" if "inputs" in task_feature_lengths else "targets"
+            budget = task_feature_lengths.get(key, 0)
+            if self.length >= budget:
+                raise PeftConfigError(
+                    f"PromptTuning.length={self.length} is not shorter than TASK_FEATURE_LENGTHS[{key!r}]={budget}: "
+                    f"packed rows reserve {self.length} prompt slots in front of every example, so no two examples "
+                    "would ever share a row. Use a shorter prompt, longer inputs, or train.pack = False.")
         if self.max_input_length is not None and inputs + self.length > self.max_input_length:
             raise PeftConfigError(
                 f"PromptTuning.length={self.length} no longer fits: TASK_FEATURE_LENGTHS['inputs']={inputs} + "
@@ -148,6 +167,12 @@ class PromptTuning(core.PeftMethod):
                 f"TASK_FEATURE_LENGTHS['inputs'] <= {self.max_input_length - self.length} or a shorter prompt.")
         if self.vocabulary is None and task is not None and "inputs" in task.output_features:
             self.vocabulary = task.output_features["inputs"].vocabulary
+
+    def feature_converter_kwargs(self, pack: bool) -> dict:
+        """Packed rows reserve the prompt's slots at its offset in every example (itjax.data.prompt_slots)."""
+        if not pack:
+            return {}
+        return {"prompt_slots": self.length, "prompt_offset": 1 if self.position == "after_bos" else 0}
 
     def initial_values(self, table: jax.Array, rngs: nnx.Rngs) -> jax.Array:
         """[P, embed] float32 initial prompt from the (base) embedding table [vocab, embed]."""
