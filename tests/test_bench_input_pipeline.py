@@ -24,7 +24,7 @@ def test_pipeline_bench_prints_both_mixtures(monkeypatch, capsys):
     bench = _load_script("bench_input_pipeline")
     monkeypatch.setattr(sys, "argv", ["bench_input_pipeline.py", "--superni_dir", SUPERNI, "--batch", "8",
                                       "--steps", "2", "--repeats", "1", "--pipeline_batches", "3",
-                                      "--log_period", "2"])
+                                      "--log_period", "2", "--settle_s", "0"])
     bench.main()
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
