@@ -31,6 +31,7 @@ from itjax import optimizers  # noqa: F401  (registers gin configurables)
 from itjax import peft as peft_lib  # noqa: F401  (registers the peft gin configurables)
 from itjax.checkpoints import (Checkpointer, CheckpointCorruptError, CheckpointWriteError, DataPositionError,
                                restore_initial_params, restore_peft_base)
+from itjax.data import mixing  # noqa: F401  (registers the gin configurable `mixture`)
 from itjax.data import pipeline
 from itjax.evaluation import Evaluation, MetricsWriter, format_table
 from itjax.models import encoder_decoder  # noqa: F401  (registers gin configurables)

@@ -102,3 +102,29 @@ def test_sub_mixture_weights_are_final_shares(tasks):
     counts = collections.Counter(ex["targets_pretokenized"].decode() for ex in ds.take(4000).as_numpy_iterator())
     for name, share in expected.items():
         assert abs(counts[name] / 4000 - share) < 0.015, (name, counts)
+
+
+def test_gin_mixture_registers_the_named_tasks_with_their_rates(tasks):
+    import gin
+    gin.parse_config(["import itjax.data.mixing",
+                      "mixture.name = 'gin_made'",
+                      "mixture.tasks = ['mix_small', ('mix_big', 3.0)]"])
+    assert mixing.mixture() == "gin_made"
+    made = seqio.get_mixture_or_task("gin_made")
+    assert {t.name: made.get_rate(t) for t in made.tasks} == {"mix_small": 1.0, "mix_big": 3.0}
+    assert mixing.task_shares("gin_made") == pytest.approx({"mix_small": 0.25, "mix_big": 0.75})
+
+
+@pytest.mark.parametrize("members, message", [
+    (["mix_smal"], "'mix_smal' is not a registered seqio task or mixture; did you mean: mix_small"),
+    ([("mix_small", -1.0)], "rate -1.0 of 'mix_small' must be a finite number >= 0"),
+])
+def test_gin_mixture_names_a_bad_member(tasks, members, message):
+    with pytest.raises(mixing.MixingRateError, match=message):
+        mixing.mixture(name="gin_bad", tasks=members)
+    assert "gin_bad" not in seqio.MixtureRegistry.names()
+
+
+def test_gin_mixture_may_not_take_a_task_name(tasks):
+    with pytest.raises(mixing.MixingRateError, match="mixture.name='mix_big' is the name of a registered task"):
+        mixing.mixture(name="mix_big", tasks=["mix_small"])

@@ -25,10 +25,12 @@ hand NaN weights to tf.data).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import gin
 import seqio
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,30 @@ def register_mixture(name: str, tasks: Sequence[Union[str, tuple[str, Any]]],
     if not tasks:
         raise MixingRateError(f"Mixture {name!r} has no tasks.")
     return _replace(name, list(tasks), default_rate)
+
+
+@gin.configurable
+def mixture(name: str = gin.REQUIRED, tasks: Sequence[Union[str, tuple[str, float]]] = gin.REQUIRED,
+            default_rate: float = 1.0) -> str:
+    """Registers a mixture from gin and returns its name, for a macro: a run on part of a collection without Python,
+    e.g. `MIXTURE_OR_TASK_NAME = @mixture()` with `mixture.name = 'quickstart_words'` and
+    `mixture.tasks = ['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]` (a bare name gets `default_rate`;
+    rates are relative, as seqio's). Every member must be a registered task or mixture; an unknown one is an error
+    naming it and the closest registered names."""
+    import itjax.tasks  # noqa: F401  (registers the built-in tasks; imported here, not at module level: it imports us)
+    known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    for member in tasks:
+        member_name = member[0] if isinstance(member, (tuple, list)) else member
+        if member_name not in known:
+            close = difflib.get_close_matches(str(member_name), sorted(known), n=3)
+            raise MixingRateError(f"mixture.tasks of {name!r}: {member_name!r} is not a registered seqio task or "
+                                  f"mixture{'; did you mean: ' + ', '.join(close) if close else ''}.")
+        if isinstance(member, (tuple, list)):
+            _check_rate(float(member[1]), name, member_name)
+    if name in known - set(seqio.MixtureRegistry.names()):
+        raise MixingRateError(f"mixture.name={name!r} is the name of a registered task; choose another name.")
+    register_mixture(name, [tuple(m) if isinstance(m, list) else m for m in tasks], default_rate)
+    return name
 
 
 def register_mixture_of_mixtures(name: str, weights: Mapping[str, float]) -> seqio.Mixture:
