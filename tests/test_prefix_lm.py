@@ -4,6 +4,7 @@ model are marked slow (tens of seconds each under load: XLA compilation)."""
 
 import dataclasses
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +162,20 @@ def test_splash_is_refused():
 def test_causal_by_default():
     """HF-converted and existing decoder configs keep causal attention unless prefix_lm is set."""
     assert DecoderOnlyModel(CONFIG).prefix_lm is False
+
+
+def test_exported_model_gin_keeps_prefix_lm_and_to_hf_refuses(tmp_path):
+    """`--from_run` writes prefix_lm into model.gin (re-read, it builds a prefix-LM model); `--to_hf` refuses such a
+    folder (HF's Llama is causal only) before writing anything."""
+    from itjax.conversion import ConversionError, llama
+
+    out_dir = tmp_path / "model"
+    out_dir.mkdir()
+    (out_dir / "model.gin").write_text(llama.model_gin_text(CONFIG, None, prefix_lm=True))
+    gin.parse_config((out_dir / "model.gin").read_text())
+    assert DecoderOnlyModel().prefix_lm is True
+    gin.clear_config()
+    with pytest.raises(ConversionError, match="prefix-LM model .* causally only"):
+        llama.itjax_to_hf(str(out_dir), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    assert "prefix_lm" not in llama.model_gin_text(CONFIG, None)  # causal models: as before
