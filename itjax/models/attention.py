@@ -10,8 +10,8 @@ query heads, as HF and `jax.nn.dot_product_attention` group them). Implementatio
 - 'cudnn' (NVIDIA GPU, bfloat16 / float16): cuDNN flash attention through
   `jax.nn.dot_product_attention(..., implementation='cudnn')`. A causal self-attention mask (`CausalMask`) goes in as
   `is_causal` plus `local_window_size` (Mistral's sliding window), so the kernel skips masked blocks; packed rows
-  (segment ids) add the dense boolean mask; T5's relative-position bias (with its padding / segment mask folded in)
-  goes in as `bias`, broadcast to [batch or 1, heads or 1, q, k]. Memory: unpacked Llama rows need no [q, k] tensor
+  (segment ids) add the dense boolean mask; prefix-LM rows (bidirectional prompts: not causal) pass the dense mask
+  alone; T5's relative-position bias (with its padding / segment mask folded in) goes in as `bias`, broadcast to [batch or 1, heads or 1, q, k]. Memory: unpacked Llama rows need no [q, k] tensor
   at all; packed rows a [batch, 1, q, k] mask (cuDNN turns it into a bias); T5 a [batch, heads, q, k] bias and its
   gradient (padding and segments are folded into the position bias), about what 'xla' keeps, so T5 gains speed,
   not memory.
@@ -19,7 +19,7 @@ query heads, as HF and `jax.nn.dot_product_attention` group them). Implementatio
   .splash_attention`): causal or local-window block-sparse masks, segment ids for packed rows, grouped-query
   attention through the multi-query kernel vmapped over kv heads and rows; under partitioning rules it runs in a
   shard_map over the mesh axes of 'batch' and 'heads'. Sequence lengths must be multiples of 128. No bias input, so
-  T5 cannot use it.
+  T5 cannot use it; its masks are fixed when the kernel is built, so prefix-LM rows (per-row prompts) are refused.
 
 Calls that no kernel serves run 'xla' (the call site passes implementation='xla'): incremental decoding and prefill
 with a key-value cache (one or a few queries against a cache with a per-row validity mask), and Llama with prefix
