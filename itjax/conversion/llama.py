@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -180,8 +181,9 @@ def hf_config_from_llama(config, model_type: str | None = None, base: Mapping[st
 
 
 def model_gin_text(config, bos_id: int | None,
-                   comment: str = "Converted from a HF checkpoint by itjax.convert.") -> str:
-    """The gin model file (style of gin/models/llama3_8b.gin) binding MODEL = DecoderOnlyModel(config, bos_id)."""
+                   comment: str = "Converted from a HF checkpoint by itjax.convert.", prefix_lm: bool = False) -> str:
+    """The gin model file (style of gin/models/llama3_8b.gin) binding MODEL = DecoderOnlyModel(config, bos_id)
+    (and `prefix_lm = True` for a prefix-LM run's export)."""
     import dataclasses
 
     lines = [f"# {line}" for line in comment.splitlines()]
@@ -193,6 +195,7 @@ def model_gin_text(config, bos_id: int | None,
         "itjax.models.DecoderOnlyModel.z_loss = 1e-4",
         "itjax.models.DecoderOnlyModel.loss_normalizing_factor = 'NUM_REAL_TARGET_TOKENS'",
         f"itjax.models.DecoderOnlyModel.bos_id = {bos_id!r}",
+    ] + (["itjax.models.DecoderOnlyModel.prefix_lm = True"] if prefix_lm else []) + [
         "",
     ]
     for field in dataclasses.fields(config):
@@ -327,6 +330,11 @@ def itjax_to_hf(out_dir: str, hf_dir: str, max_shard_size: int = DEFAULT_MAX_SHA
     checkpoint's (hf_config.json `dtype` / `torch_dtype`: a bfloat16 source is written back in bfloat16), else
     float32. Returns the LlamaConfig."""
     folders.require_empty_dir(hf_dir, "--hf_dir")
+    with open(os.path.join(out_dir, folders.MODEL_GIN)) as f:
+        if re.search(r"^[\w.]*DecoderOnlyModel\.prefix_lm\s*=\s*True", f.read(), re.M):
+            raise ConversionError(f"{out_dir}/{folders.MODEL_GIN} is a prefix-LM model (DecoderOnlyModel.prefix_lm = "
+                                  "True), but HF's LlamaForCausalLM attends causally only: its outputs would change. "
+                                  "Use the itjax folder (itjax.infer), or train with prefix_lm = False to export.")
     config = llama_config_from_gin(os.path.join(out_dir, folders.MODEL_GIN))
     base = None
     if os.path.isfile(os.path.join(out_dir, HF_CONFIG_COPY)):

@@ -50,7 +50,7 @@ def _model_gin(model, comment: str) -> str:
     from itjax.models.llama import LlamaConfig
 
     if isinstance(model.config, LlamaConfig):
-        return llama.model_gin_text(model.config, model.bos_id, comment)
+        return llama.model_gin_text(model.config, model.bos_id, comment, prefix_lm=model.prefix_lm)
     return t5.model_gin_text(model.config, comment)
 
 
@@ -74,6 +74,9 @@ def export_run(model_dir: str, out_dir: str, *, step: int | None = None, peft_ou
         folders.require_empty_dir(peft_out, "--peft_out")
     loaded = load_run(model_dir, step, "--merge_lora" if require_lora else "--from_run")
     peft = loaded.peft
+    if peft_out and getattr(loaded.model, "prefix_lm", False):
+        raise ConversionError(f"--peft_out: {model_dir} trained a prefix-LM (DecoderOnlyModel.prefix_lm = True); a "
+                              "peft adapter runs on HF's causal-only Llama, where its outputs would change.")
     if require_lora and not isinstance(peft, LoRA):
         raise ConversionError(f"--merge_lora: {model_dir} is not a LoRA run (train.peft = {peft!r}); use --from_run "
                               "to export a full fine-tuning run.")

@@ -9,7 +9,9 @@ Task features (int32 token ids, rank 1):
 Each example becomes the sequence `s = [bos] + inputs + targets` (bos only when `bos_id` is set) and the rows
     decoder_input_tokens  = s[:-1]          decoder_target_tokens = s[1:]
     decoder_loss_weights  = loss mask of s[1:]   (0 on prompt tokens)
-    decoder_causal_attention = 1 on the prompt part of decoder_input_tokens (the tokens generation starts from)
+    decoder_causal_attention = 1 on the prompt part of decoder_input_tokens (the tokens generation starts from;
+                               a prefix-LM, `DecoderOnlyModel.prefix_lm`, attends bidirectionally over them, as
+                               seqio's PrefixLMFeatureConverter marks them: per packed segment)
     decoder_segment_ids   = 1 on real positions (packed: 1, 2, ... per example), 0 on padding
     decoder_positions     = 0, 1, ... per example
 so position t predicts token t + 1 (the HF causal-LM convention: no artificial start token is fed, which matters

@@ -10,8 +10,8 @@ query heads, as HF and `jax.nn.dot_product_attention` group them). Implementatio
 - 'cudnn' (NVIDIA GPU, bfloat16 / float16): cuDNN flash attention through
   `jax.nn.dot_product_attention(..., implementation='cudnn')`. A causal self-attention mask (`CausalMask`) goes in as
   `is_causal` plus `local_window_size` (Mistral's sliding window), so the kernel skips masked blocks; packed rows
-  (segment ids) add the dense boolean mask; T5's relative-position bias (with its padding / segment mask folded in)
-  goes in as `bias`, broadcast to [batch or 1, heads or 1, q, k]. Memory: unpacked Llama rows need no [q, k] tensor
+  (segment ids) add the dense boolean mask; prefix-LM rows (bidirectional prompts: not causal) pass the dense mask
+  alone; T5's relative-position bias (with its padding / segment mask folded in) goes in as `bias`, broadcast to [batch or 1, heads or 1, q, k]. Memory: unpacked Llama rows need no [q, k] tensor
   at all; packed rows a [batch, 1, q, k] mask (cuDNN turns it into a bias); T5 a [batch, heads, q, k] bias and its
   gradient (padding and segments are folded into the position bias), about what 'xla' keeps, so T5 gains speed,
   not memory.
@@ -19,7 +19,7 @@ query heads, as HF and `jax.nn.dot_product_attention` group them). Implementatio
   .splash_attention`): causal or local-window block-sparse masks, segment ids for packed rows, grouped-query
   attention through the multi-query kernel vmapped over kv heads and rows; under partitioning rules it runs in a
   shard_map over the mesh axes of 'batch' and 'heads'. Sequence lengths must be multiples of 128. No bias input, so
-  T5 cannot use it.
+  T5 cannot use it; its masks are fixed when the kernel is built, so prefix-LM rows (per-row prompts) are refused.
 
 Calls that no kernel serves run 'xla' (the call site passes implementation='xla'): incremental decoding and prefill
 with a key-value cache (one or a few queries against a cache with a per-row validity mask), and Llama with prefix
@@ -92,18 +92,20 @@ def _check_available(implementation: str, dtype: jnp.dtype) -> None:
                            "'bfloat16', or attention_impl = 'xla'.")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["dense", "segment_ids"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["dense", "segment_ids", "prefix"],
                    meta_fields=["sliding_window"])
 @dataclasses.dataclass(frozen=True)
 class CausalMask:
     """Causal self-attention over one sequence (q = k positions), described twice: `dense`, the boolean mask
     [batch or 1, 1, length, length] (True = attend) that 'xla' uses, and its structure for the kernels:
-    `segment_ids` [batch, length] (packed rows: attention within a segment; None = one sequence per row) and
-    `sliding_window` (None, or W: a query sees itself and the W - 1 positions before it)."""
+    `segment_ids` [batch, length] (packed rows: attention within a segment; None = one sequence per row),
+    `sliding_window` (None, or W: a query sees itself and the W - 1 positions before it) and `prefix` (None, or
+    bool [batch, length]: prefix-LM, where the marked prompt tokens of a segment also see each other)."""
 
     dense: jax.Array
     segment_ids: jax.Array | None = None
     sliding_window: int | None = None
+    prefix: jax.Array | None = None
 
 
 def attend(
@@ -176,6 +178,8 @@ def _cudnn_attention(queries, keys, values, bias, mask, scale, dtype):
     _, q, _, _ = queries.shape
     k = keys.shape[1]
     kwargs = {}
+    if isinstance(mask, CausalMask) and mask.prefix is not None:  # prefix-LM is not causal: the dense mask
+        mask = mask.dense
     if isinstance(mask, CausalMask):
         kwargs["is_causal"] = True
         if mask.sliding_window is not None:  # left window W - 1: the query and the W - 1 positions before it
@@ -228,6 +232,10 @@ def _splash_attention(queries, keys, values, bias, mask, scale, dtype):
         raise ValueError("attention_impl='splash' runs causal self-attention without a bias (Llama training); this "
                          "call has a bias or a general mask (T5, or prefix tuning's extra keys): use "
                          "attention_impl='xla' or 'cudnn'.")
+    if mask.prefix is not None:
+        raise ValueError("attention_impl='splash' cannot run prefix-LM attention (DecoderOnlyModel.prefix_lm = True): "
+                         "the kernel's masks are fixed when it is built, but each row's prompt length differs. Use "
+                         "attention_impl='xla' or 'cudnn', or prefix_lm = False.")
     b, length, h, d = queries.shape
     kv_heads = keys.shape[2]
     groups = h // kv_heads

@@ -339,16 +339,26 @@ def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.A
         buffer, update.astype(buffer.dtype), start)
 
 
-def causal_segment_mask(segment_ids: jax.Array | None, length: int, sliding_window: int | None = None) -> jax.Array:
+def causal_segment_mask(segment_ids: jax.Array | None, length: int, sliding_window: int | None = None,
+                        prefix: jax.Array | None = None) -> jax.Array:
     """Causal mask, restricted to equal segment ids when given and to the last `sliding_window` positions
-    (the query's own included). [batch or 1, 1, length, length] bool."""
+    (the query's own included). prefix: None, or bool [batch, length] True on prompt tokens (prefix-LM: prompt
+    tokens of one segment also attend to each other, T5X's `decoder_causal_attention`).
+    [batch or 1, 1, length, length] bool."""
     idx = jnp.arange(length)
     mask = (idx[:, None] >= idx[None, :])[None]
     if sliding_window is not None:
         mask = mask & (idx[:, None] - idx[None, :] < sliding_window)[None]
+    if prefix is not None:
+        prefix = prefix.astype(jnp.bool_)
+        mask = mask | (prefix[:, :, None] & prefix[:, None, :])
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return mask[:, None]
+
+
+_PREFIX_LM_PROMPT_TUNING = ("prefix-LM attention (DecoderOnlyModel.prefix_lm = True) with prompt tuning is not "
+                            "supported: set prefix_lm = False or use another PEFT method.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,6 +392,7 @@ class Llama(nnx.Module):
         segment_ids: jax.Array | None = None,
         prompt_slots: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
+        prefix_mask: jax.Array | None = None,
     ) -> jax.Array:
         """Teacher-forced causal pass: int tokens [batch, length] -> logits [batch, length, vocab] float32.
 
@@ -390,8 +401,12 @@ class Llama(nnx.Module):
             sequence per row (right padding then needs no mask: real positions never attend to later pads).
         prompt_slots: [batch, length] where packed rows hold the `input_prompt` (itjax.data.prompt_slots); the
             rows' positions already count it.
+        prefix_mask: None (causal LM) or [batch, length], nonzero on prompt tokens: prefix-LM attention (the
+            prompt tokens of a segment attend to each other bidirectionally, the rest causally).
         """
         batch, length = tokens.shape
+        if prefix_mask is not None and self.input_prompt is not None:
+            raise ValueError(_PREFIX_LM_PROMPT_TUNING)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self.embed_tokens(tokens)
@@ -402,8 +417,9 @@ class Llama(nnx.Module):
             x = self.input_prompt.fill(x, prompt_slots)
         if inserted:
             x, positions, segment_ids = self.input_prompt.insert_sequence(x, positions, segment_ids)
-        mask = attention.CausalMask(causal_segment_mask(segment_ids, x.shape[1], self.config.sliding_window),
-                                    segment_ids, self.config.sliding_window)
+        mask = attention.CausalMask(causal_segment_mask(segment_ids, x.shape[1], self.config.sliding_window,
+                                                        prefix_mask),
+                                    segment_ids, self.config.sliding_window, prefix_mask)
         x = with_logical_constraint(x, HIDDEN_AXES)
         c = self.config
         if c.scan_layers:
@@ -438,15 +454,18 @@ class Llama(nnx.Module):
         )
 
     def prefill(
-        self, tokens: jax.Array, token_mask: jax.Array, cache: DecodeCache
+        self, tokens: jax.Array, token_mask: jax.Array, cache: DecodeCache, *, bidirectional: bool = False
     ) -> tuple[jax.Array, jax.Array, DecodeCache]:
         """Runs a padded prompt batch through the model and writes it into an empty cache.
 
         tokens: int [batch, l]; token_mask: bool [batch, l], True at real prompt tokens (left, right or no
         padding; each row's real tokens contiguous). Real tokens get positions 0, 1, ... in order.
+        bidirectional: prefix-LM prefill, the prompt's tokens attend to each other (later decode steps stay causal).
         Returns (logits [batch, vocab] float32 after each row's last real token, the next position [batch] int32
         (= prompt length), the cache with its write index just after each row's last real token).
         """
+        if bidirectional and self.input_prompt is not None:
+            raise ValueError(_PREFIX_LM_PROMPT_TUNING)
         x = self.embed_tokens(tokens)
         if self.input_prompt is not None:  # rows must start at slot 0 (right padding) for position='after_bos'
             x, token_mask = self.input_prompt.insert(x), self.input_prompt.insert_mask(token_mask)
@@ -455,8 +474,9 @@ class Llama(nnx.Module):
         slots = jnp.arange(length, dtype=jnp.int32)
         end = jnp.max(jnp.where(token_mask, slots + 1, 0), axis=1)  # one past the last real token, from start
         valid = _write_rows(cache.valid, token_mask, cache.index)
+        prefix_slots = _write_rows(jnp.zeros_like(cache.valid), token_mask, cache.index) if bidirectional else None
         hidden, cache = self._run_cached(x, positions, cache._replace(valid=valid), start=cache.index,
-                                         query_slots=cache.index[:, None] + slots)
+                                         query_slots=cache.index[:, None] + slots, prefix_slots=prefix_slots)
         last = jnp.take_along_axis(hidden, jnp.maximum(end - 1, 0)[:, None, None], axis=1)[:, 0]
         logits = self._logits(self.norm(last[:, None]))[:, 0]
         return logits, jnp.sum(token_mask, axis=1, dtype=jnp.int32), cache._replace(index=cache.index + end)
@@ -476,15 +496,18 @@ class Llama(nnx.Module):
 
     def _run_cached(
         self, x: jax.Array, positions: jax.Array, cache: DecodeCache, *, start: jax.Array,
-        query_slots: jax.Array,
+        query_slots: jax.Array, prefix_slots: jax.Array | None = None,
     ) -> tuple[jax.Array, DecodeCache]:
         """Layers over embedded tokens x [batch, l, embed] written at slots start + arange(l); queries at
-        query_slots [batch, l] attend to valid cache slots at or before their own. Returns un-normed hidden
-        [batch, l, embed]."""
+        query_slots [batch, l] attend to valid cache slots at or before their own, and (prefix-LM prefill) to
+        every slot of prefix_slots [batch, max_len] bool. Returns un-normed hidden [batch, l, embed]."""
         key_slots = jnp.arange(cache.valid.shape[1])
-        mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & cache.valid[:, None, :]
+        mask = key_slots[None, None, :] <= query_slots[:, :, None]
         if self.config.sliding_window is not None:  # a row's real tokens are contiguous: slot gap = token gap
             mask = mask & (key_slots[None, None, :] > query_slots[:, :, None] - self.config.sliding_window)
+        if prefix_slots is not None:
+            mask = mask | prefix_slots[:, None, :]
+        mask = mask & cache.valid[:, None, :]
         mask = mask[:, None]  # [batch, 1, l, max_len]
         if self.config.scan_layers:
             def body(layer, x, layer_cache):
