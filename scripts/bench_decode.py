@@ -51,11 +51,12 @@ def main() -> None:
     compile_seconds = time.perf_counter() - start
     if tokens.shape != (args.batch, args.new_tokens):
         raise RuntimeError(f"generated {tokens.shape}, expected {(args.batch, args.new_tokens)}")
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     seconds = float(np.median(times))
     new = args.batch * args.new_tokens
     print(f"model {args.model_gin}: {trainer.num_params:,} parameters, {model.config.dtype}")
@@ -63,6 +64,8 @@ def main() -> None:
     print(f"first call (compile + run): {compile_seconds:.1f} s")
     print(f"call time: median {seconds * 1000:.0f} ms (min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f}) "
           f"over {args.repeats} calls; {seconds / args.new_tokens * 1000:.1f} ms per decoding step")
+    # CPU seconds of this process (all its threads): less sensitive than wall time to other load on the machine.
+    print(f"process CPU time per call: median {np.median(cpu_times):.2f} s")
     print(f"throughput: {new / seconds:,.1f} new tokens/s")
 
 
