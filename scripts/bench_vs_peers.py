@@ -389,6 +389,9 @@ def main() -> None:
                              "default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and row (after one warm-up)")
     parser.add_argument("--llama_batch", type=int, default=None, help="override the Llama training batch (8)")
+    parser.add_argument("--torch_threads", type=int, default=None,
+                        help="torch.set_num_threads for the HF side (default: torch's own choice); 1 can be the "
+                             "faster setting on an oversubscribed machine, where its threads spin at barriers")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks that every row runs (seconds)")
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -401,6 +404,8 @@ def main() -> None:
         import transformers  # noqa: F401
     except ImportError as e:
         sys.exit(f"bench_vs_peers needs torch, transformers and peft ({e}): pip install -e '.[test]'")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     shapes = SMOKE if args.smoke else Shapes()
     if args.llama_batch:
         shapes = dataclasses.replace(shapes, llama_batch=args.llama_batch)
