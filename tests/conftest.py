@@ -47,7 +47,7 @@ SLOW_MODULES = {
     "test_export_run", "test_infer_decoder", "test_layouts", "test_llama_parity", "test_multiprocess",
     "test_notebooks", "test_peft", "test_peft_export", "test_peft_notebook", "test_study_notebook",
     "test_remat", "test_resilience", "test_runs", "test_scan_layers", "test_train_e2e",
-    "test_convert_t5x", "test_eval_cli", "test_peft_import", "test_bench_input_pipeline",
+    "test_convert_t5x", "test_eval_cli", "test_peft_import", "test_bench_input_pipeline", "test_bench_scripts",
 }
 
 

@@ -213,8 +213,10 @@ class Projection(Dense):
 class DecodeCache(NamedTuple):
     """Functional state of incremental decoding (a pytree: thread it through `jax.lax` loops).
 
-    keys, values: one per layer, [batch, max_length, kv_heads, head_dim] (rotary already applied to keys); with
-        `scan_layers` one array [num_layers, batch, max_length, kv_heads, head_dim] each.
+    keys, values: one per layer, [batch, kv_heads, max_length, head_dim] (rotary already applied to keys); with
+        `scan_layers` one array [num_layers, batch, kv_heads, max_length, head_dim] each. Heads come before slots
+        so that the attention products of a decoding step read the cache in place (XLA:CPU would otherwise
+        transpose every layer's cache at every step).
     valid: [batch, max_length] bool, True at slots holding a real (non-padding) token.
     index: [batch] int32, the slot the next token of each row is written to.
     """
@@ -316,26 +318,33 @@ class LlamaLayer(nnx.Module):
         """x [batch, l, embed], positions [batch, l], mask: an `attention.CausalMask` or bool broadcastable to
         [batch, 1, l, k].
 
-        Without a cache, attention runs over x's own keys (k = l). With `cache` (keys, values) [batch, max_len,
-        kv_heads, D], x's keys / values are written at slots `cache_index + arange(l)` per row (cache_index
-        [batch]) and attention runs over the whole cache (k = max_len). Returns (y [batch, l, embed], the keys /
-        values attended to).
+        Without a cache, attention runs over x's own keys (k = l). With `cache` (keys, values) [batch, kv_heads,
+        max_len, D] (the `DecodeCache` layout), x's keys / values are written at slots `cache_index + arange(l)`
+        per row (cache_index [batch]) and attention runs over the whole cache (k = max_len). Returns (y [batch, l,
+        embed], the keys / values attended to: the updated cache when cached).
         """
         attention_rng, mlp_rng = split_rng(dropout_rng, 2)
         queries, keys, values = self.self_attn.project(self.input_layernorm(x), positions)
         if cache is not None:
-            keys = _write_rows(cache[0], keys, cache_index)
-            values = _write_rows(cache[1], values, cache_index)
+            cache = (_write_rows(cache[0], _heads_first(keys), cache_index, axis=1),
+                     _write_rows(cache[1], _heads_first(values), cache_index, axis=1))
+            keys, values = _heads_first(cache[0]), _heads_first(cache[1])  # views XLA folds into the products
         h = self.self_attn.attend(queries, keys, values, mask)
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, attention_rng), HIDDEN_AXES)
         h = self.mlp(self.post_attention_layernorm(x))
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, mlp_rng), HIDDEN_AXES)
-        return x, (keys, values)
+        return x, ((keys, values) if cache is None else cache)
 
 
-def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes update [batch, l, ...] into buffer [batch, max_len, ...] at per-row slots start[b] + arange(l)."""
-    return jax.vmap(lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0))(
+def _heads_first(x: jax.Array) -> jax.Array:
+    """[batch, length, heads, D] <-> [batch, heads, length, D] (the `DecodeCache` layout)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array, axis: int = 0) -> jax.Array:
+    """Writes update into buffer at per-row slots start[b] + arange(l) along the row's `axis`: buffer [batch,
+    max_len, ...] and update [batch, l, ...] for axis 0; [batch, heads, max_len, D] / [batch, heads, l, D] for 1."""
+    return jax.vmap(lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=axis))(
         buffer, update.astype(buffer.dtype), start)
 
 
@@ -441,10 +450,10 @@ class Llama(nnx.Module):
         c = self.config
         max_length += 0 if self.input_prompt is None else self.input_prompt.length  # the prompt takes slots too
         if c.scan_layers:
-            empty = jnp.zeros((c.num_layers, batch, max_length, c.num_kv_heads, c.head_dim), c.activation_dtype)
+            empty = jnp.zeros((c.num_layers, batch, c.num_kv_heads, max_length, c.head_dim), c.activation_dtype)
             keys = values = empty
         else:
-            empty = jnp.zeros((batch, max_length, c.num_kv_heads, c.head_dim), c.activation_dtype)
+            empty = jnp.zeros((batch, c.num_kv_heads, max_length, c.head_dim), c.activation_dtype)
             keys = values = (empty,) * c.num_layers
         return DecodeCache(
             keys=keys,

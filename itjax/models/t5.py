@@ -104,10 +104,13 @@ class T5Config:
 class DecodeCache(NamedTuple):
     """Functional state of incremental decoding (a pytree: thread it through `jax.lax` loops).
 
-    self_keys, self_values: one per decoder layer, [batch, max_decode_length, heads, kv]; entry t holds the
+    self_keys, self_values: one per decoder layer, [batch, heads, max_decode_length, kv]; entry t holds the
         self-attention key / value of decoder position t once position t has been decoded (zeros before).
-    cross_keys, cross_values: one per decoder layer, [batch, input_length, heads, kv], computed once from the
+    cross_keys, cross_values: one per decoder layer, [batch, heads, input_length, kv], computed once from the
         encoder output.
+    Heads come before positions (unlike the [batch, length, heads, kv] of `Attention.project_kv`): the attention
+    products of a decoding step read this layout in place, where XLA:CPU would otherwise transpose every cached key
+    and value tensor at every step.
     encoder_mask: [batch, input_length] bool, True at non-padding encoder tokens.
     With `scan_layers` the four per-layer fields are single arrays [num_decoder_layers, batch, ...].
     """
@@ -335,16 +338,18 @@ class DecoderLayer(nnx.Module):
 
         x: [batch, q, embed]; self_bias: float32 broadcastable to [batch, heads, q, k_self];
         cross_keys / cross_values: [batch, l_in, heads, kv]; cross_bias: broadcastable to [batch, heads, q, l_in].
-        cache: optional (keys, values) [batch, max_len, heads, kv]; the new keys / values of x are written at
-        `cache_index` (scalar int) and attention runs over the whole cache (self_bias masks future entries).
-        Returns (y [batch, q, embed], (keys, values) attended to by self-attention, i.e. the updated cache).
+        cache: optional (keys, values) [batch, heads, max_len, kv] (the `DecodeCache` layout); the new keys /
+        values of x are written at `cache_index` (scalar int) and attention runs over the whole cache (self_bias
+        masks future entries). Returns (y [batch, q, embed], (keys, values) attended to by self-attention: the
+        updated cache in the cache layout when cached, else [batch, q, heads, kv]).
         """
         rngs = split_rng(dropout_rng, 6)
         h = self.pre_self_attention_norm(x)
         keys, values = self.self_attention.project_kv(h)
         if cache is not None:
-            keys = jax.lax.dynamic_update_slice_in_dim(cache[0], keys, cache_index, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(cache[1], values, cache_index, axis=1)
+            cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], _heads_first(keys), cache_index, axis=2),
+                     jax.lax.dynamic_update_slice_in_dim(cache[1], _heads_first(values), cache_index, axis=2))
+            keys, values = _heads_first(cache[0]), _heads_first(cache[1])  # views XLA folds into the products
         implementation = None if cache is None else "xla"  # a cached step (one query): no kernel applies
         h = self.self_attention.attend(h, keys, values, self_bias, dropout_rng=rngs[0], implementation=implementation)
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[1]), HIDDEN_AXES)
@@ -354,7 +359,13 @@ class DecoderLayer(nnx.Module):
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[3]), HIDDEN_AXES)
         h = self.mlp(self.pre_mlp_norm(x), dropout_rng=rngs[4])
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[5]), HIDDEN_AXES)
-        return x, (keys, values)
+        return x, ((keys, values) if cache is None else cache)
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+    """Swaps the two axes before the last: [batch, length, heads, kv] <-> [batch, heads, length, kv] (the
+    `DecodeCache` layout)."""
+    return jnp.swapaxes(x, -3, -2)
 
 
 def _layer_stack(layers: list[nnx.Module], config: T5Config) -> nnx.Module:
@@ -458,13 +469,18 @@ class Decoder(nnx.Module):
     def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array, max_decode_length: int) -> DecodeCache:
         """encoded [batch, l_in, embed], encoder_mask bool [batch, l_in] -> empty self cache + cross keys / values."""
         if self.scan_layers:
-            _, (cross_keys, cross_values) = scan.scan(
-                self.layers, lambda layer, carry, _: (carry, layer.cross_attention.project_kv(encoded)), None)
-            empty = jnp.zeros(cross_keys.shape[:2] + (max_decode_length,) + cross_keys.shape[3:], cross_keys.dtype)
+            _, cross = scan.scan(
+                self.layers, lambda layer, carry, _: (carry, tuple(map(_heads_first, layer.cross_attention.project_kv(
+                    encoded)))), None)
+            cross_keys, cross_values = jax.lax.optimization_barrier(cross)  # see below
+            empty = jnp.zeros(cross_keys.shape[:3] + (max_decode_length,) + cross_keys.shape[4:], cross_keys.dtype)
             return DecodeCache(empty, empty, cross_keys, cross_values, encoder_mask=encoder_mask)
-        cross = [layer.cross_attention.project_kv(encoded) for layer in self.layers]
-        batch, _, heads, kv = cross[0][0].shape
-        empty = jnp.zeros((batch, max_decode_length, heads, kv), cross[0][0].dtype)
+        # The barrier keeps XLA from cancelling this transpose against the one in each step (it would then carry
+        # [batch, length, heads, kv] and transpose inside the loop, at every step).
+        cross = jax.lax.optimization_barrier(
+            [tuple(map(_heads_first, layer.cross_attention.project_kv(encoded))) for layer in self.layers])
+        batch, heads, _, kv = cross[0][0].shape
+        empty = jnp.zeros((batch, heads, max_decode_length, kv), cross[0][0].dtype)
         return DecodeCache(
             self_keys=(empty,) * self.num_layers,
             self_values=(empty,) * self.num_layers,
@@ -478,15 +494,15 @@ class Decoder(nnx.Module):
 
         Returns normed hidden states [batch, 1, embed] and the cache with this position's keys / values written.
         """
-        key_positions = jnp.arange(cache.self_keys[0].shape[1])
+        key_positions = jnp.arange(cache.self_keys[0].shape[2])
         causal = mask_to_bias(key_positions <= position)[None, None, None, :]
         self_bias = self.relative_bias(jnp.reshape(position, (1,)), key_positions) + causal
         cross_bias = mask_to_bias(cache.encoder_mask[:, None, None, :])
         if self.scan_layers:
             def body(layer, y, layer_cache):
                 self_keys, self_values, cross_keys, cross_values = layer_cache
-                return layer(y, self_bias, cross_keys, cross_values, cross_bias, cache=(self_keys, self_values),
-                             cache_index=position)
+                return layer(y, self_bias, _heads_first(cross_keys), _heads_first(cross_values), cross_bias,
+                             cache=(self_keys, self_values), cache_index=position)
             y, (keys, values) = scan.scan(self.layers, body, y, (cache.self_keys, cache.self_values,
                                                                  cache.cross_keys, cache.cross_values))
             return self.final_norm(y), cache._replace(self_keys=keys, self_values=values)
@@ -495,8 +511,8 @@ class Decoder(nnx.Module):
             y, (keys, values) = layer(
                 y,
                 self_bias,
-                cache.cross_keys[i],
-                cache.cross_values[i],
+                _heads_first(cache.cross_keys[i]),
+                _heads_first(cache.cross_values[i]),
                 cross_bias,
                 cache=(cache.self_keys[i], cache.self_values[i]),
                 cache_index=position,
