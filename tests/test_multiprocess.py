@@ -179,9 +179,11 @@ def test_sigterm_to_one_of_two_processes_then_resume_equals_an_uninterrupted_run
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
 def test_a_hung_or_dead_peer_makes_the_other_process_exit(tmp_path, fault):
-    """SIGSTOP (a hang: its collectives never come) or kill -9 of process 1: process 0 must not wait forever."""
+    """SIGSTOP (a hang: its collectives never come) or kill -9 of process 1: process 0 must not wait forever.
+    The step watchdog (20 s) must fire before JAX's heartbeat (60 s) would abort the process: the hang is then
+    reported as such (exit 3); 20 s also leaves a loaded machine room for slow steps before the fault."""
     run = str(tmp_path / fault)
-    processes = _start(run, "--gin.TRAIN_STEPS=100000", "--gin.train.step_timeout_s=30", "--heartbeat_timeout_s=30")
+    processes = _start(run, "--gin.TRAIN_STEPS=100000", "--gin.train.step_timeout_s=20", "--heartbeat_timeout_s=60")
     deadline = time.time() + 300
     while train_lines(run) < 3 and time.time() < deadline and all(p.poll() is None for p in processes):
         time.sleep(0.05)
