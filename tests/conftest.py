@@ -51,17 +51,7 @@ SLOW_MODULES = {
 }
 
 
-# Longest modules first (from `--durations` of the full suite, 2 workers): `-n 2 --dist loadfile` hands whole modules
-# to the workers in collection order, so a long module collected last (alphabetically: test_study_notebook,
-# test_resilience) would leave one worker alone at the end. Longest-first keeps both busy until the end.
-LONGEST_FIRST = ["test_multiprocess", "test_resilience", "test_study_notebook", "test_export_run", "test_notebooks",
-                 "test_peft", "test_peft_export", "test_train_e2e", "test_peft_notebook", "test_qlora",
-                 "test_scan_layers", "test_decoder_only"]
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))  # stable
     backend = None
     for item in items:
         if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
