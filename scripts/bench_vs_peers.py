@@ -34,10 +34,10 @@ from typing import Callable
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from itjax import config as config_lib
+from itjax import flops as flops_lib
 from itjax import optimizers
 from itjax.conversion import llama as llama_conversion
 from itjax.conversion import mapping, t5 as t5_conversion
@@ -85,19 +85,6 @@ class Shapes:
 
 SMOKE = Shapes(t5_gin="models/t5_1_1_quickstart.gin", t5_batch=2, t5_inputs=16, t5_targets=8, llama=LLAMA_TINY,
                llama_batch=2, llama_length=32, llama_segments=2, gen_inputs=16, gen_new=4, llama_prompt=8)
-
-
-def gemm_flops(n: int = 2048, repeats: int = 3) -> float:
-    """float32 n x n matrix-product rate of JAX on device 0 (best of `repeats` after a warm-up), FLOP/s."""
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 # ------------------------------------------------------------------------------------------------ model builders
@@ -409,7 +396,7 @@ def main() -> None:
     shapes = SMOKE if args.smoke else Shapes()
     if args.llama_batch:
         shapes = dataclasses.replace(shapes, llama_batch=args.llama_batch)
-    gemm = gemm_flops(256 if args.smoke else 2048)
+    gemm = flops_lib.measured_gemm_flops(jax.devices()[0], n=256 if args.smoke else 2048)
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; float32 GEMM "
           f"{gemm / 1e9:.0f} GFLOP/s", flush=True)

@@ -25,6 +25,7 @@ from itjax.models.llama import Llama  # noqa: E402
 from itjax.peft import IA3, AdapterParam, LoRA, PrefixTuning, PromptTuning, merge_lora  # noqa: E402
 from itjax.peft.core import PeftConfigError  # noqa: E402
 from itjax.peft.export import ADAPTER_CONFIG, save_peft_adapter  # noqa: E402
+from tiny_hf import tiny_hf_t5  # noqa: E402
 from itjax.peft.export_methods import save_method_adapter  # noqa: E402
 
 T5_TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
@@ -53,12 +54,7 @@ def _peft_logits(hf_model, adapter_dir, **inputs):
 
 
 def test_t5_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
-    torch.manual_seed(0)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1)).eval()
+    hf = tiny_hf_t5()
     with torch.no_grad():
         hf.lm_head.weight = torch.nn.Parameter(torch.randn(96, 32) * 32**-0.5)
     hf.save_pretrained(str(tmp_path / "hf"))
@@ -125,12 +121,7 @@ def test_llama_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
 # ------------------------------------------------------------------------ prompt tuning, (IA)3, prefix tuning
 def _tiny_t5(tmp_path):
     """(HF T5, itjax EncoderDecoderModel, a factory of itjax modules holding the converted HF weights)."""
-    torch.manual_seed(0)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1)).eval()
+    hf = tiny_hf_t5()
     hf.save_pretrained(str(tmp_path / "hf"))
     t5_conversion.hf_to_itjax(str(tmp_path / "hf"), str(tmp_path / "itjax"))
     config = t5_conversion.t5_config_from_gin(str(tmp_path / "itjax" / folders.MODEL_GIN))

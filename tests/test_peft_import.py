@@ -14,15 +14,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from itjax import convert, runs  # noqa: E402
+from tiny_hf import tiny_hf_t5  # noqa: E402
 
 
 def _t5(root):
-    torch.manual_seed(0)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1)).eval()
+    hf = tiny_hf_t5()
     hf.save_pretrained(str(root / "hf"))
     return hf
 
