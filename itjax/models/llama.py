@@ -52,8 +52,8 @@ import numpy as np
 from flax import nnx
 
 from itjax.models import attention, scan
-from itjax.models.layers import (HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy, dropout, remat,
-                                 split_rng)
+from itjax.models.layers import (HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy, dropout,
+                                 project_together, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
 
 DTYPES = ("float32", "bfloat16")
@@ -257,9 +257,14 @@ class LlamaAttention(nnx.Module):
         """x [batch, l, embed], positions [batch, l] -> rotated queries [batch, l, heads, head_dim] and rotated
         keys / values [batch, l, kv_heads, head_dim]."""
         inv_freq = rope_inverse_frequencies(self.config)
-        queries = apply_rope(with_logical_constraint(self.q_proj(x), HEAD_AXES), positions, inv_freq)
-        keys = apply_rope(with_logical_constraint(self.k_proj(x), HEAD_AXES), positions, inv_freq)
-        values = with_logical_constraint(self.v_proj(x), HEAD_AXES)
+        if self.config.num_heads == self.config.num_kv_heads:  # queries, keys and values share a shape
+            queries, keys, values = project_together((self.q_proj, self.k_proj, self.v_proj), x, plain=Projection)
+        else:  # grouped-query attention: keys and values share a shape
+            queries = self.q_proj(x)
+            keys, values = project_together((self.k_proj, self.v_proj), x, plain=Projection)
+        queries = apply_rope(with_logical_constraint(queries, HEAD_AXES), positions, inv_freq)
+        keys = apply_rope(with_logical_constraint(keys, HEAD_AXES), positions, inv_freq)
+        values = with_logical_constraint(values, HEAD_AXES)
         return queries, keys, values
 
     def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array,
@@ -287,7 +292,8 @@ class LlamaMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[batch, length, embed] -> [batch, length, embed]."""
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        gate, up = project_together((self.gate_proj, self.up_proj), x, plain=Projection)
+        h = jax.nn.silu(gate) * up
         return self.down_proj(with_logical_constraint(h, ("batch", "length", "mlp")))
 
 

@@ -51,10 +51,11 @@ from flax import nnx
 
 from itjax.models import attention, scan
 from itjax.models.layers import (HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSNorm, check_remat_policy,
-                                 dropout, remat, split_rng)
+                                 dropout, project_together, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
 
 FEED_FORWARD_TYPES = ("gated-gelu", "gated-silu", "relu")
+HEAD_AXES = ("batch", "length", "heads", "kv")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -243,8 +244,13 @@ class Attention(nnx.Module):
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[batch, length, embed] -> keys, values, each [batch, length, heads, kv]."""
-        names = ("batch", "length", "heads", "kv")
-        return with_logical_constraint(self.k(x), names), with_logical_constraint(self.v(x), names)
+        keys, values = project_together((self.k, self.v), x)
+        return with_logical_constraint(keys, HEAD_AXES), with_logical_constraint(values, HEAD_AXES)
+
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Self-attention projections in one product: [batch, length, embed] -> queries, keys, values, each
+        [batch, length, heads, kv]."""
+        return tuple(with_logical_constraint(y, HEAD_AXES) for y in project_together((self.q, self.k, self.v), x))
 
     def attend(
         self,
@@ -255,23 +261,28 @@ class Attention(nnx.Module):
         *,
         dropout_rng: jax.Array | None = None,
         implementation: str | None = None,
+        queries: jax.Array | None = None,
     ) -> jax.Array:
         """Queries from x [batch, q, embed] attend to keys / values [batch, k, heads, kv].
 
         bias: float32, broadcastable to [batch, heads, q, k]. implementation: overrides the config's
-        `attention_impl` ('xla' for cached decoding steps). Returns [batch, q, embed].
+        `attention_impl` ('xla' for cached decoding steps). queries: [batch, q, heads, kv] when already projected
+        (`project_qkv`), else `q(x)`. Returns [batch, q, embed].
         """
         if self.extra_kv is not None:
             keys, values, bias = self.extra_kv.prepend(keys, values, bias)
-        queries = with_logical_constraint(self.q(x), ("batch", "length", "heads", "kv"))
+        queries = with_logical_constraint(self.q(x) if queries is None else queries, HEAD_AXES)
         out = attention.attend(queries, keys, values, implementation=implementation or self.implementation,
                                bias=bias, dtype=self.dtype, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
-        return self.o(with_logical_constraint(out, ("batch", "length", "heads", "kv")))
+        return self.o(with_logical_constraint(out, HEAD_AXES))
 
     def __call__(
         self, x: jax.Array, kv_input: jax.Array, bias: jax.Array, *, dropout_rng: jax.Array | None = None
     ) -> jax.Array:
         """x [batch, q, embed] attends to kv_input [batch, k, embed]; returns [batch, q, embed]."""
+        if kv_input is x:
+            queries, keys, values = self.project_qkv(x)
+            return self.attend(x, keys, values, bias, dropout_rng=dropout_rng, queries=queries)
         return self.attend(x, *self.project_kv(kv_input), bias, dropout_rng=dropout_rng)
 
 
@@ -345,13 +356,14 @@ class DecoderLayer(nnx.Module):
         """
         rngs = split_rng(dropout_rng, 6)
         h = self.pre_self_attention_norm(x)
-        keys, values = self.self_attention.project_kv(h)
+        queries, keys, values = self.self_attention.project_qkv(h)
         if cache is not None:
             cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], _heads_first(keys), cache_index, axis=2),
                      jax.lax.dynamic_update_slice_in_dim(cache[1], _heads_first(values), cache_index, axis=2))
             keys, values = _heads_first(cache[0]), _heads_first(cache[1])  # views XLA folds into the products
         implementation = None if cache is None else "xla"  # a cached step (one query): no kernel applies
-        h = self.self_attention.attend(h, keys, values, self_bias, dropout_rng=rngs[0], implementation=implementation)
+        h = self.self_attention.attend(h, keys, values, self_bias, dropout_rng=rngs[0], implementation=implementation,
+                                       queries=queries)
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[1]), HIDDEN_AXES)
         h = self.pre_cross_attention_norm(x)
         h = self.cross_attention.attend(h, cross_keys, cross_values, cross_bias, dropout_rng=rngs[2],
