@@ -27,6 +27,8 @@ import sys
 import tempfile
 from typing import Callable, Iterator
 
+from itjax import host_memory
+
 VERBOSE_ENV = "ITJAX_VERBOSE"
 
 # Start-up lines of TensorFlow's C++ runtime (and XLA's CUDA plugins) that say nothing about the run: matched on the
@@ -94,8 +96,10 @@ def verbose_requested(flag: bool = False) -> bool:
 
 
 def start(verbose: bool = False, uses_tensorflow: bool = True) -> None:
-    """What an entry point does before its real work: quiet TensorFlow start-up (unless verbose; skipped by entry
-    points that never import TensorFlow, `uses_tensorflow=False`), then logging."""
+    """What an entry point does before its real work: keep freed host memory for reuse (`itjax.host_memory`:
+    XLA:CPU steps otherwise page-fault their temporaries back in every step), quiet TensorFlow start-up (unless
+    verbose; skipped by entry points that never import TensorFlow, `uses_tensorflow=False`), then logging."""
+    host_memory.retain_freed_memory()
     verbose = verbose_requested(verbose)
     if uses_tensorflow:
         if not verbose:

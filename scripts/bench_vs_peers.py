@@ -36,6 +36,7 @@ import gin
 import jax
 import numpy as np
 
+from itjax import host_memory
 from itjax import config as config_lib
 from itjax import flops as flops_lib
 from itjax import optimizers
@@ -370,6 +371,7 @@ def table(results: list[tuple[Row, dict, str]], gemm: float) -> str:
 
 
 def main() -> None:
+    host_memory.retain_freed_memory()  # as the CLIs do: no per-step page faults (itjax/host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(r for r in ROWS if r != "t5_train_bf16"),
                         help=f"comma-separated subset of {','.join(ROWS)} (t5_train_bf16 is slow on XLA:CPU, off by "
