@@ -137,9 +137,9 @@ def project_together(layers: Sequence[Dense], x: jax.Array, *, plain: type = Den
     a single dot_general against the kernels stacked on a new axis: [..., *in_dims] x [*in_dims, G, *out_dims] ->
     [..., G, *out_dims], then split. Parameters stay separate (checkpoints, conversion and PEFT see the same tree),
     and the result is the same up to float summation order. One product of width G * out instead of G products
-    reads the input once and runs the backward pass as one larger product too, which XLA:CPU runs faster (see
-    README, "Performance": 571 -> 631 tokens/s on the T5-small train step). Only layers of exactly the type `plain` without a bias are fused: others (LoRA, (IA)3,
-    quantized bases, biased projections) are applied one by one, unchanged.
+    reads the input once and runs the backward pass as one larger product too, which XLA:CPU runs faster (README,
+    "Performance": 571 -> 631 tokens/s on the T5-small train step). Only layers of exactly the type `plain` without
+    a bias are fused: others (LoRA, (IA)3, quantized bases, biased projections) are applied one by one, unchanged.
     """
     first = layers[0]
     fusable = len(layers) > 1 and all(
