@@ -26,6 +26,7 @@ Initializer = Callable[..., jax.Array]
 
 # Activation names on the hidden states of a transformer stack.
 HIDDEN_AXES = ("batch", "length", "embed")
+HEAD_AXES = ("batch", "length", "heads", "kv")  # per-head activations [batch, length, heads, head_dim]
 
 # Additive attention bias for masked pairs (both families); finite so fully masked rows give a uniform softmax,
 # not NaN.

@@ -52,13 +52,12 @@ import numpy as np
 from flax import nnx
 
 from itjax.models import attention, scan
-from itjax.models.layers import (HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy, dropout,
-                                 project_together, remat, split_rng)
+from itjax.models.layers import (HEAD_AXES, HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy,
+                                 dropout, project_together, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
 
 DTYPES = ("float32", "bfloat16")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-HEAD_AXES = ("batch", "length", "heads", "kv")
 
 
 @dataclasses.dataclass(frozen=True)

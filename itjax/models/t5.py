@@ -50,12 +50,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from itjax.models import attention, scan
-from itjax.models.layers import (HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSNorm, check_remat_policy,
-                                 dropout, project_together, remat, split_rng)
+from itjax.models.layers import (HEAD_AXES, HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSNorm,
+                                 check_remat_policy, dropout, project_together, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
 
 FEED_FORWARD_TYPES = ("gated-gelu", "gated-silu", "relu")
-HEAD_AXES = ("batch", "length", "heads", "kv")
 DTYPES = ("float32", "bfloat16")
 
 
