@@ -153,7 +153,9 @@ def project_together(layers: Sequence[Dense], x: jax.Array, *, plain: type = Den
     contracting = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
     y = jax.lax.dot_general(x.astype(first.dtype), kernel, (contracting, ((), ())))
     group_axis = x.ndim - n
-    return [jax.lax.index_in_dim(y, i, group_axis, keepdims=False) for i in range(len(layers))]
+    # jnp.split (lax.split), not one slice per layer: its transpose concatenates the cotangents, where slices' would
+    # pad each to the full [..., G, *out] and add them (three extra passes per projection in the backward pass).
+    return [part.squeeze(group_axis) for part in jnp.split(y, len(layers), axis=group_axis)]
 
 
 class Embed(nnx.Module):
