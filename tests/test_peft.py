@@ -237,9 +237,11 @@ def test_method_trains_only_its_adapter(method, family, request):
     base_before = jax.device_get(trainer.base_params)
     plain = Trainer(model, optax.adam(1e-2), Partitioner(devices=ONE_DEVICE))
     state = trainer.init_state()
-    if method == "ia3":  # ones-initialised vectors: step 0 is the base model exactly
+    if method == "ia3":  # ones-initialised vectors: step 0 is the base model, up to float summation order (the
+        # scaled projections run one by one, the plain model's k / v as one fused product: 1 ulp seen in Llama)
         batch = pipeline.to_global(batches[0], plain.partitioner.batch_sharding)
-        np.testing.assert_array_equal(trainer.score(state["params"], batch), plain.score(base_before, batch))
+        np.testing.assert_allclose(trainer.score(state["params"], batch), plain.score(base_before, batch),
+                                   rtol=1e-6, atol=0)
     state, losses = _train(trainer, batches, state)
     assert losses[-1] < losses[0] - 0.2, losses
     for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(trainer.base_params))):
