@@ -51,33 +51,10 @@ SLOW_MODULES = {
 }
 
 
-# Longest modules first. The suite runs on 2 workers with `--dist loadfile` (one module = one unit of work), and
-# pytest-xdist by default hands out modules in order of their test count, so a few-test module of many minutes
-# (the multi-process runs) could start last and leave one worker idle at the end. Worker seconds per module from
-# `python -m pytest -q -n 2 --dist loadfile --durations=0` on the 2-core machine (setup + call + teardown summed;
-# refresh after a big change to the suite); modules not listed run after these, in collection order.
-MODULE_SECONDS = {
-    "test_multiprocess": 444, "test_resilience": 243, "test_export_run": 208, "test_peft": 200,
-    "test_study_notebook": 194, "test_notebooks": 152, "test_train_e2e": 133, "test_scan_layers": 123,
-    "test_layouts": 108, "test_peft_notebook": 89, "test_decoder_only": 84, "test_qlora": 83, "test_data_resume": 65,
-    "test_peft_export": 64, "test_bench_scripts": 64,
-}
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order pytest_collection_modifyitems sets
-        config.option.loadscopereorder = False
-
-
-def _module_name(item) -> str:
-    return item.module.__name__.rpartition(".")[2]
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: -MODULE_SECONDS.get(_module_name(item), 0))  # stable: test order within a module kept
     backend = None
     for item in items:
-        if _module_name(item) in SLOW_MODULES:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
         for chip in ("gpu", "tpu"):
             if chip in item.keywords:
