@@ -28,6 +28,12 @@ Initializer = Callable[..., jax.Array]
 HIDDEN_AXES = ("batch", "length", "embed")
 HEAD_AXES = ("batch", "length", "heads", "kv")  # per-head activations [batch, length, heads, head_dim]
 
+
+def heads_first(x: jax.Array) -> jax.Array:
+    """[..., length, heads, D] <-> [..., heads, length, D]: per-head activations to / from the `DecodeCache` layout
+    of both families (leading axes: batch, or layers and batch for a scanned stack)."""
+    return jnp.swapaxes(x, -3, -2)
+
 # Additive attention bias for masked pairs (both families); finite so fully masked rows give a uniform softmax,
 # not NaN.
 MASK_BIAS = -1e10

@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from itjax.models import attention, scan
-from itjax.models.layers import (HEAD_AXES, HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy,
+from itjax.models.layers import (HEAD_AXES, heads_first, HIDDEN_AXES, Dense, Embed, RMSNorm, check_remat_policy,
                                  dropout, project_together, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
 
@@ -331,19 +331,14 @@ class LlamaLayer(nnx.Module):
         attention_rng, mlp_rng = split_rng(dropout_rng, 2)
         queries, keys, values = self.self_attn.project(self.input_layernorm(x), positions)
         if cache is not None:
-            cache = (_write_rows(cache[0], _heads_first(keys), cache_index, axis=1),
-                     _write_rows(cache[1], _heads_first(values), cache_index, axis=1))
-            keys, values = _heads_first(cache[0]), _heads_first(cache[1])  # views XLA folds into the products
+            cache = (_write_rows(cache[0], heads_first(keys), cache_index, axis=1),
+                     _write_rows(cache[1], heads_first(values), cache_index, axis=1))
+            keys, values = heads_first(cache[0]), heads_first(cache[1])  # views XLA folds into the products
         h = self.self_attn.attend(queries, keys, values, mask)
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, attention_rng), HIDDEN_AXES)
         h = self.mlp(self.post_attention_layernorm(x))
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, mlp_rng), HIDDEN_AXES)
         return x, ((keys, values) if cache is None else cache)
-
-
-def _heads_first(x: jax.Array) -> jax.Array:
-    """[batch, length, heads, D] <-> [batch, heads, length, D] (the `DecodeCache` layout)."""
-    return jnp.swapaxes(x, 1, 2)
 
 
 def _write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array, axis: int = 0) -> jax.Array:

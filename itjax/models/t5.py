@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from itjax.models import attention, scan
-from itjax.models.layers import (HEAD_AXES, HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSNorm,
+from itjax.models.layers import (HEAD_AXES, heads_first, HIDDEN_AXES, MASK_BIAS, MLP, Dense, Embed, RMSNorm,
                                  check_remat_policy, dropout, project_together, remat, split_rng)
 from itjax.partitioning import with_logical_constraint
 
@@ -357,9 +357,9 @@ class DecoderLayer(nnx.Module):
         h = self.pre_self_attention_norm(x)
         queries, keys, values = self.self_attention.project_qkv(h)
         if cache is not None:
-            cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], _heads_first(keys), cache_index, axis=2),
-                     jax.lax.dynamic_update_slice_in_dim(cache[1], _heads_first(values), cache_index, axis=2))
-            keys, values = _heads_first(cache[0]), _heads_first(cache[1])  # views XLA folds into the products
+            cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], heads_first(keys), cache_index, axis=2),
+                     jax.lax.dynamic_update_slice_in_dim(cache[1], heads_first(values), cache_index, axis=2))
+            keys, values = heads_first(cache[0]), heads_first(cache[1])  # views XLA folds into the products
         implementation = None if cache is None else "xla"  # a cached step (one query): no kernel applies
         h = self.self_attention.attend(h, keys, values, self_bias, dropout_rng=rngs[0], implementation=implementation,
                                        queries=queries)
@@ -371,12 +371,6 @@ class DecoderLayer(nnx.Module):
         h = self.mlp(self.pre_mlp_norm(x), dropout_rng=rngs[4])
         x = with_logical_constraint(x + dropout(h, self.dropout_rate, rngs[5]), HIDDEN_AXES)
         return x, ((keys, values) if cache is None else cache)
-
-
-def _heads_first(x: jax.Array) -> jax.Array:
-    """Swaps the two axes before the last: [batch, length, heads, kv] <-> [batch, heads, length, kv] (the
-    `DecodeCache` layout)."""
-    return jnp.swapaxes(x, -3, -2)
 
 
 def _layer_stack(layers: list[nnx.Module], config: T5Config) -> nnx.Module:
@@ -481,7 +475,7 @@ class Decoder(nnx.Module):
         """encoded [batch, l_in, embed], encoder_mask bool [batch, l_in] -> empty self cache + cross keys / values."""
         if self.scan_layers:
             _, cross = scan.scan(
-                self.layers, lambda layer, carry, _: (carry, tuple(map(_heads_first, layer.cross_attention.project_kv(
+                self.layers, lambda layer, carry, _: (carry, tuple(map(heads_first, layer.cross_attention.project_kv(
                     encoded)))), None)
             cross_keys, cross_values = jax.lax.optimization_barrier(cross)  # see below
             empty = jnp.zeros(cross_keys.shape[:3] + (max_decode_length,) + cross_keys.shape[4:], cross_keys.dtype)
@@ -489,7 +483,7 @@ class Decoder(nnx.Module):
         # The barrier keeps XLA from cancelling this transpose against the one in each step (it would then carry
         # [batch, length, heads, kv] and transpose inside the loop, at every step).
         cross = jax.lax.optimization_barrier(
-            [tuple(map(_heads_first, layer.cross_attention.project_kv(encoded))) for layer in self.layers])
+            [tuple(map(heads_first, layer.cross_attention.project_kv(encoded))) for layer in self.layers])
         batch, heads, _, kv = cross[0][0].shape
         empty = jnp.zeros((batch, heads, max_decode_length, kv), cross[0][0].dtype)
         return DecodeCache(
@@ -512,7 +506,7 @@ class Decoder(nnx.Module):
         if self.scan_layers:
             def body(layer, y, layer_cache):
                 self_keys, self_values, cross_keys, cross_values = layer_cache
-                return layer(y, self_bias, _heads_first(cross_keys), _heads_first(cross_values), cross_bias,
+                return layer(y, self_bias, heads_first(cross_keys), heads_first(cross_values), cross_bias,
                              cache=(self_keys, self_values), cache_index=position)
             y, (keys, values) = scan.scan(self.layers, body, y, (cache.self_keys, cache.self_values,
                                                                  cache.cross_keys, cache.cross_values))
@@ -522,8 +516,8 @@ class Decoder(nnx.Module):
             y, (keys, values) = layer(
                 y,
                 self_bias,
-                _heads_first(cache.cross_keys[i]),
-                _heads_first(cache.cross_values[i]),
+                heads_first(cache.cross_keys[i]),
+                heads_first(cache.cross_values[i]),
                 cross_bias,
                 cache=(cache.self_keys[i], cache.self_values[i]),
                 cache_index=position,
