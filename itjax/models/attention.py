@@ -6,7 +6,10 @@ query heads, as HF and `jax.nn.dot_product_attention` group them). Implementatio
 
 - 'xla' (default, every backend): two matrix products around a materialised [batch, heads, q, k] float32 score
   tensor. The reference: masks are an additive `layers.MASK_BIAS` on float32 logits, softmax in float32, weights
-  cast to the activation dtype before the value product (T5 and Llama as before this module existed).
+  cast to the activation dtype before the value product (T5 and Llama as before this module existed). Causal
+  self-attention (a `CausalMask` without prefix-LM rows: Llama training and prompt scoring) runs in query blocks
+  that skip the fully masked upper triangle of [q, k] (`_causal_xla_attention`): the same result, about half the
+  work and memory of the score tensors.
 - 'cudnn' (NVIDIA GPU, bfloat16 / float16): cuDNN flash attention through
   `jax.nn.dot_product_attention(..., implementation='cudnn')`. A causal self-attention mask (`CausalMask`) goes in as
   `is_causal` plus `local_window_size` (Mistral's sliding window), so the kernel skips masked blocks; packed rows
@@ -50,6 +53,9 @@ _BACKENDS = {"cudnn": ("gpu", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}
 _FUSED_DTYPES = {"cudnn": ("bfloat16", "float16")}
 # Splash block sizes: a sequence length must be a multiple of the smallest (the TPU's 128 lanes).
 SPLASH_BLOCKS = (512, 256, 128)
+# The causal 'xla' path (`_causal_xla_attention`): query block size, and the most blocks one row is cut into.
+CAUSAL_BLOCK = 128
+CAUSAL_MAX_BLOCKS = 16
 
 _EMULATED = contextvars.ContextVar("itjax_attention_emulated", default=False)
 
@@ -137,6 +143,9 @@ def attend(
                          f"trains with dropout_rate={dropout_rate}: set the config's dropout_rate = 0.0 or "
                          "attention_impl = 'xla'.")
     if implementation == "xla":
+        if (isinstance(mask, CausalMask) and mask.prefix is None and bias is None
+                and (dropout_rng is None or dropout_rate == 0.0) and queries.shape[1] == keys.shape[1]):
+            return _causal_xla_attention(queries, keys, values, mask, scale, dtype)
         dense = mask.dense if isinstance(mask, CausalMask) else mask
         return _xla_attention(queries, keys, values, bias, dense, scale, dtype, dropout_rate, dropout_rng)
     if implementation == "cudnn":
@@ -161,12 +170,33 @@ def _xla_attention(queries, keys, values, bias, mask, scale, dtype, dropout_rate
     score product's operands so that XLA computed the scores transposed and then copied the whole [b, h, q, k]
     tensor (10-13% of a T5-small encoder attention layer's forward + backward on the CPU). Only the small [.., D]
     operands are transposed."""
-    b, q, h, d = queries.shape
     kv_heads = keys.shape[2]
-    groups = h // kv_heads
-    grouped = queries.reshape(b, q, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [b, kv_heads, groups, q, D]
-    keys = keys.transpose(0, 2, 1, 3)  # [b, kv_heads, k, D]
-    values = values.transpose(0, 2, 1, 3)
+    out = _heads_major_attention(_heads_major_queries(queries, kv_heads), _heads_major(keys), _heads_major(values),
+                                 bias, mask, scale, dtype, dropout_rate, dropout_rng)
+    return _from_heads_major(out)
+
+
+def _heads_major_queries(queries: jax.Array, kv_heads: int) -> jax.Array:
+    """[b, q, heads, D] -> [b, kv_heads, groups, q, D]."""
+    b, q, h, d = queries.shape
+    return queries.reshape(b, q, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _heads_major(x: jax.Array) -> jax.Array:
+    """keys / values [b, k, kv_heads, D] -> [b, kv_heads, k, D]."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _from_heads_major(out: jax.Array) -> jax.Array:
+    """[b, kv_heads, groups, q, D] -> [b, q, heads, D]."""
+    b, kv_heads, groups, q, d = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, q, kv_heads * groups, d)
+
+
+def _heads_major_attention(grouped, keys, values, bias, mask, scale, dtype, dropout_rate, dropout_rng):
+    """grouped queries [b, kv_heads, groups, q, D], keys / values [b, kv_heads, k, D] -> [b, kv_heads, groups, q, D]
+    in `dtype`; bias / mask as for `attend` ([b or 1, heads or 1, q, k])."""
+    b, kv_heads, groups, q, _ = grouped.shape
     batch_dims = ((0, 1), (0, 1))
     logits = jax.lax.dot_general(grouped, keys, (((4,), (3,)), batch_dims), preferred_element_type=jnp.float32)
     if scale != 1.0:
@@ -177,9 +207,44 @@ def _xla_attention(queries, keys, values, bias, mask, scale, dtype, dropout_rate
         logits = logits + jnp.where(_grouped(mask, kv_heads, groups), 0.0, MASK_BIAS)
     weights = jax.nn.softmax(logits, axis=-1)
     if dropout_rng is not None and dropout_rate > 0.0:  # drawn over [batch, heads, q, k], as before grouping
-        weights = dropout(weights.reshape(b, h, q, -1), dropout_rate, dropout_rng).reshape(weights.shape)
-    out = jax.lax.dot_general(weights.astype(dtype), values, (((4,), (2,)), batch_dims))  # [b, kv_heads, groups, q, D]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, q, h, d)
+        weights = dropout(weights.reshape(b, kv_heads * groups, q, -1), dropout_rate,
+                          dropout_rng).reshape(weights.shape)
+    return jax.lax.dot_general(weights.astype(dtype), values, (((4,), (2,)), batch_dims))
+
+
+def causal_block_size(length: int) -> int:
+    """Query block of the causal 'xla' path for `length` tokens: CAUSAL_BLOCK, or larger for long rows, so that a
+    row has at most CAUSAL_MAX_BLOCKS blocks (each block is its own pair of products in the compiled program)."""
+    per_block = -(-length // CAUSAL_MAX_BLOCKS)
+    return max(CAUSAL_BLOCK, -(-per_block // CAUSAL_BLOCK) * CAUSAL_BLOCK)
+
+
+def _causal_xla_attention(queries, keys, values, mask: CausalMask, scale, dtype):
+    """'xla' causal self-attention that skips the masked upper triangle: query block i attends only to key blocks
+    up to i (and from the first one its first query still sees under a sliding window). The keys left out are
+    masked for every query of the block, so each block's softmax is the dense one's (the dropped terms are exactly
+    zero) and the result equals `_xla_attention` over the full mask up to summation order. Work and saved residuals
+    fall to (n + 1) / 2n of the dense computation for n blocks (56% at 1024 tokens in 128-token blocks).
+
+    Queries, keys and values are cut with `jnp.split` and each block's keys re-joined with `jnp.concatenate`:
+    their transposes are a concatenation and slices, where slicing each block's range out of the full arrays
+    would transpose to a zero-padded full-size gradient per block, summed (one Llama-100M attention core, 4 x 1024
+    packed tokens, fwd + bwd on the 2-core CPU: dense 365 ms, sliced blocks 214 ms)."""
+    length = queries.shape[1]
+    block = causal_block_size(length)
+    window = mask.sliding_window
+    bounds = list(range(block, length, block))
+    query_blocks = jnp.split(_heads_major_queries(queries, keys.shape[2]), bounds, axis=3)
+    key_blocks = jnp.split(_heads_major(keys), bounds, axis=2)
+    value_blocks = jnp.split(_heads_major(values), bounds, axis=2)
+    outs = []
+    for i, grouped in enumerate(query_blocks):
+        start, stop = i * block, min((i + 1) * block, length)
+        first = 0 if window is None else max(0, start - window + 1) // block
+        join = (lambda blocks: blocks[i] if first == i else jnp.concatenate(blocks[first:i + 1], axis=2))
+        outs.append(_heads_major_attention(grouped, join(key_blocks), join(value_blocks), None,
+                                           mask.dense[..., start:stop, first * block:stop], scale, dtype, 0.0, None))
+    return _from_heads_major(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3))
 
 
 def _cudnn_attention(queries, keys, values, bias, mask, scale, dtype):
