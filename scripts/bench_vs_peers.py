@@ -20,6 +20,7 @@ the start of the same run. Needs torch, transformers and peft (`pip install -e '
 
     python scripts/bench_vs_peers.py                                   # every row, 3 repeats (long on a CPU)
     python scripts/bench_vs_peers.py --rows t5_train,t5_gen8 --repeats 5
+    python scripts/bench_vs_peers.py --rows llama_train --llama_remat full   # batch 8 within 24 GB
     python scripts/bench_vs_peers.py --smoke                           # tiny shapes, seconds (the test)
 """
 
@@ -40,6 +41,7 @@ from itjax import host_memory
 from itjax import config as config_lib
 from itjax import flops as flops_lib
 from itjax import optimizers
+from itjax import param_paths
 from itjax.conversion import llama as llama_conversion
 from itjax.conversion import mapping, t5 as t5_conversion
 from itjax.models.decoder_only import DecoderOnlyModel
@@ -82,6 +84,7 @@ class Shapes:
     gen_inputs: int = 512
     gen_new: int = 128
     llama_prompt: int = 256
+    llama_remat: str = "none"  # 'full': both sides recompute each layer in backward (itjax scanned layers)
 
 
 SMOKE = Shapes(t5_gin="models/t5_1_1_quickstart.gin", t5_batch=2, t5_inputs=16, t5_targets=8, llama=LLAMA_TINY,
@@ -215,14 +218,17 @@ def t5_train_row(shapes: Shapes, bf16: bool = False) -> Row:
 def llama_train_row(shapes: Shapes, lora: bool = False) -> Row:
     import torch
     from itjax.peft import LoRA
-    model = DecoderOnlyModel(shapes.llama)
+    remat = shapes.llama_remat != "none"
+    config = dataclasses.replace(shapes.llama, scan_layers=remat, remat_policy=shapes.llama_remat)
+    model = DecoderOnlyModel(config)
     trainer = new_trainer(model, peft=LoRA(rank=8, alpha=16.0) if lora else None)
-    batch = llama_packed_batch(shapes.llama.vocab_size, shapes.llama_batch, shapes.llama_length,
-                               shapes.llama_segments)
+    batch = llama_packed_batch(config.vocab_size, shapes.llama_batch, shapes.llama_length, shapes.llama_segments)
     run_itjax, holder = _itjax_train(trainer, batch)
-    hf = hf_llama(shapes.llama)
+    hf = hf_llama(config)
+    if remat:  # HF's per-decoder-layer activation checkpointing: the same recomputation as remat_policy='full'
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = trainer.base_params if lora else holder["state"]["params"]
-    load_into_hf(hf, params, llama_conversion.llama_tensor_maps(shapes.llama))
+    load_into_hf(hf, param_paths.unstack_layers(params), llama_conversion.llama_tensor_maps(config))
     if lora:
         import peft
         hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
@@ -235,7 +241,7 @@ def llama_train_row(shapes: Shapes, lora: bool = False) -> Row:
                          labels=t["decoder_input_tokens"]).loss
     shape = {k: v.shape for k, v in batch.items()}
     what = (f"Llama {trainer.num_params / 1e6:.0f}M train, {shapes.llama_batch} x {shapes.llama_length} packed, "
-            + ("LoRA r=8 q/v" if lora else "fp32 AdamW"))
+            + ("LoRA r=8 q/v" if lora else "fp32 AdamW") + (", both sides recompute layers" if remat else ""))
     return Row("llama_lora" if lora else "llama_train", what, run_itjax, _hf_train_step(hf, opt, forward),
                shapes.llama_batch * shapes.llama_length, trainer.train_step_flops(shape))
 
@@ -381,6 +387,9 @@ def main() -> None:
                              "default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and row (after two warm-up calls)")
     parser.add_argument("--llama_batch", type=int, default=None, help="override the Llama training batch (8)")
+    parser.add_argument("--llama_remat", default="none", choices=["none", "full"],
+                        help="'full': the Llama rows recompute each layer in backward on both sides (itjax "
+                             "scan_layers + remat_policy='full', HF gradient checkpointing), so batch 8 fits in 24 GB")
     parser.add_argument("--torch_threads", type=int, default=None,
                         help="torch.set_num_threads for the HF side (default: torch's own choice); 1 can be the "
                              "faster setting on an oversubscribed machine, where its threads spin at barriers")
@@ -401,6 +410,7 @@ def main() -> None:
     shapes = SMOKE if args.smoke else Shapes()
     if args.llama_batch:
         shapes = dataclasses.replace(shapes, llama_batch=args.llama_batch)
+    shapes = dataclasses.replace(shapes, llama_remat=args.llama_remat)
     gemm = flops_lib.measured_gemm_flops(jax.devices()[0], n=256 if args.smoke else 2048)
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; float32 GEMM "

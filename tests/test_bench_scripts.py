@@ -36,3 +36,14 @@ def test_bench_vs_peers_smoke_table():
     assert [line.split(" | ")[0][2:] for line in table[2:]] == ["t5_train", "llama_lora", "t5_gen2", "llama_gen2"]
     assert "t5_gen2: greedy tokens identical in 2/2 rows" in out
     assert "llama_gen2: greedy tokens identical in 2/2 rows" in out
+
+
+def test_bench_vs_peers_llama_rows_with_recomputation():
+    """--llama_remat full: itjax scanned layers with remat 'full' against HF gradient checkpointing (the scanned
+    parameters are unstacked for the HF copy)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = _run("scripts/bench_vs_peers.py", "--smoke", "--repeats", "1", "--rows", "llama_train",
+               "--llama_remat", "full")
+    rows = [line for line in out.splitlines() if line.startswith("| llama_train")]
+    assert len(rows) == 1 and "both sides recompute layers" in rows[0]
