@@ -228,8 +228,9 @@ def _causal_xla_attention(queries, keys, values, mask: CausalMask, scale, dtype)
 
     Queries, keys and values are cut with `jnp.split` and each block's keys re-joined with `jnp.concatenate`:
     their transposes are a concatenation and slices, where slicing each block's range out of the full arrays
-    would transpose to a zero-padded full-size gradient per block, summed (one Llama-100M attention core, 4 x 1024
-    packed tokens, fwd + bwd on the 2-core CPU: dense 365 ms, sliced blocks 214 ms)."""
+    transposes to a zero-padded full-length gradient per block, summed. On the 2-core CPU, one Llama-100M attention
+    core (4 x 1024 packed tokens, 12 / 4 heads) fwd + bwd: dense 365 ms, blocked 221 ms; the whole train step:
+    dense 19.8 s, sliced blocks 19.3 s, split blocks 18.3-18.9 s."""
     length = queries.shape[1]
     block = causal_block_size(length)
     window = mask.sliding_window
