@@ -242,10 +242,16 @@ def _causal_xla_attention(queries, keys, values, mask: CausalMask, scale, dtype)
     for i, grouped in enumerate(query_blocks):
         start, stop = i * block, min((i + 1) * block, length)
         first = 0 if window is None else max(0, start - window + 1) // block
-        join = (lambda blocks: blocks[i] if first == i else jnp.concatenate(blocks[first:i + 1], axis=2))
-        outs.append(_heads_major_attention(grouped, join(key_blocks), join(value_blocks), None,
+        keys_seen = _joined(key_blocks[first:i + 1])
+        values_seen = _joined(value_blocks[first:i + 1])
+        outs.append(_heads_major_attention(grouped, keys_seen, values_seen, None,
                                            mask.dense[..., start:stop, first * block:stop], scale, dtype, 0.0, None))
     return _from_heads_major(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3))
+
+
+def _joined(blocks: list[jax.Array]) -> jax.Array:
+    """Consecutive [b, kv_heads, k_i, D] key or value blocks as one [b, kv_heads, sum k_i, D]."""
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2)
 
 
 def _cudnn_attention(queries, keys, values, bias, mask, scale, dtype):
