@@ -92,9 +92,10 @@ class Shapes:
     gen_new: int = 128
     llama_prompt: int = 256
     llama_remat: str = "none"  # 'full': both sides recompute each layer in backward (itjax scanned layers)
+    smoke: bool = False  # tiny shapes (generation rows use batches 2 / 3 instead of 8 / 32)
 
 
-SMOKE = Shapes(t5_gin="models/t5_1_1_quickstart.gin", t5_batch=2, t5_inputs=16, t5_targets=8, llama=LLAMA_TINY,
+SMOKE = Shapes(smoke=True, t5_gin="models/t5_1_1_quickstart.gin", t5_batch=2, t5_inputs=16, t5_targets=8, llama=LLAMA_TINY,
                llama_batch=2, llama_length=32, llama_segments=2, gen_inputs=16, gen_new=4, llama_prompt=8)
 
 
@@ -345,9 +346,9 @@ BUILDERS = {
     "t5_train_bf16": lambda s: t5_train_row(s, bf16=True),
     "llama_train": lambda s: llama_train_row(s),
     "llama_lora": lambda s: llama_train_row(s, lora=True),
-    "t5_gen8": lambda s: t5_gen_row(s, 8 if s is not SMOKE else 2),
-    "t5_gen32": lambda s: t5_gen_row(s, 32 if s is not SMOKE else 3),
-    "llama_gen8": lambda s: llama_gen_row(s, 8 if s is not SMOKE else 2),
+    "t5_gen8": lambda s: t5_gen_row(s, 2 if s.smoke else 8),
+    "t5_gen32": lambda s: t5_gen_row(s, 3 if s.smoke else 32),
+    "llama_gen8": lambda s: llama_gen_row(s, 2 if s.smoke else 8),
 }
 
 
