@@ -95,8 +95,9 @@ class Shapes:
     smoke: bool = False  # tiny shapes (generation rows use batches 2 / 3 instead of 8 / 32)
 
 
-SMOKE = Shapes(smoke=True, t5_gin="models/t5_1_1_quickstart.gin", t5_batch=2, t5_inputs=16, t5_targets=8, llama=LLAMA_TINY,
-               llama_batch=2, llama_length=32, llama_segments=2, gen_inputs=16, gen_new=4, llama_prompt=8)
+SMOKE = Shapes(smoke=True, t5_gin="models/t5_1_1_quickstart.gin", t5_batch=2, t5_inputs=16, t5_targets=8,
+               llama=LLAMA_TINY, llama_batch=2, llama_length=32, llama_segments=2, gen_inputs=16, gen_new=4,
+               llama_prompt=8)
 
 
 # ------------------------------------------------------------------------------------------------ model builders
