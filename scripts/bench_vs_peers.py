@@ -174,6 +174,26 @@ def llama_packed_batch(vocab: int, batch: int, length: int, segments: int) -> di
 
 
 # ------------------------------------------------------------------------------------------------ rows
+def _logits_agreement(model, trainer: Trainer, params, batch: dict[str, np.ndarray], hf, hf_args,
+                      tolerance: float = 1e-3) -> str:
+    """Both sides' logits for the batch's first row, at the weights both start training from: a training row times
+    the same function on both sides only if these agree (fp32 summation order: ~1e-6). Raises when the largest
+    difference exceeds `tolerance` x max(1, largest logit).
+
+    `hf_args(rows)` gives the HF model's keyword arguments for a row slice."""
+    import torch
+    first = {k: v[:1] for k, v in batch.items()}
+    ours = np.asarray(jax.jit(lambda p, b: model.logits(trainer.module(p), b))(params, first))
+    with torch.no_grad():
+        theirs = hf(**hf_args(slice(0, 1))).logits.float().numpy()
+    diff = float(np.abs(ours - theirs).max())
+    scale = float(np.abs(ours).max())
+    if not diff <= tolerance * max(1.0, scale):
+        raise RuntimeError(f"the two sides compute different functions: first-row logits differ by up to {diff:.3g} "
+                           f"(largest logit {scale:.3g}); fix the HF call before timing")
+    return f"first-row logits agree to {diff:.1e} (largest {scale:.1f})"
+
+
 def _itjax_train(trainer: Trainer, batch: dict[str, np.ndarray]):
     """(a call running one itjax train step to completion, the dict holding its live state under "state")."""
     device_batch = {k: jax.device_put(v) for k, v in batch.items()}
@@ -215,13 +235,18 @@ def t5_train_row(shapes: Shapes, bf16: bool = False) -> Row:
     else:
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
     t = {k: torch.from_numpy(v).long() for k, v in batch.items()}
-    forward = lambda: hf(input_ids=t["encoder_input_tokens"], attention_mask=t["encoder_input_tokens"] > 0,  # noqa
-                         decoder_input_ids=t["decoder_input_tokens"], labels=t["decoder_target_tokens"]).loss
+    hf_args = lambda rows: dict(input_ids=t["encoder_input_tokens"][rows],  # noqa: E731
+                                attention_mask=t["encoder_input_tokens"][rows] > 0,
+                                decoder_input_ids=t["decoder_input_tokens"][rows])
+    forward = lambda: hf(**hf_args(slice(None)), labels=t["decoder_target_tokens"]).loss  # noqa: E731
+    # bf16 activations against HF's fp32 forward: rounding, not a different function, at a few percent.
+    agreement = _logits_agreement(model, trainer, holder["state"]["params"], batch, hf, hf_args, 5e-2 if bf16 else 1e-3)
     shape = {k: v.shape for k, v in batch.items()}
     what = (f"T5 {shapes.t5_gin.split('/')[-1][:-4]} train, {shapes.t5_batch} x ({shapes.t5_inputs} + "
             f"{shapes.t5_targets}), " + ("bf16 Adafactor" if bf16 else "fp32 AdamW"))
     return Row("t5_train_bf16" if bf16 else "t5_train", what, run_itjax, _hf_train_step(hf, opt, forward, bf16),
-               shapes.t5_batch * (shapes.t5_inputs + shapes.t5_targets), trainer.train_step_flops(shape))
+               shapes.t5_batch * (shapes.t5_inputs + shapes.t5_targets), trainer.train_step_flops(shape),
+               lambda: agreement)
 
 
 def llama_train_row(shapes: Shapes, lora: bool = False) -> Row:
@@ -244,15 +269,19 @@ def llama_train_row(shapes: Shapes, lora: bool = False) -> Row:
                                                      target_modules=["q_proj", "v_proj"]))
     opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     t = {k: torch.from_numpy(v).long() for k, v in batch.items()}
-    # Packed rows: per-segment position_ids (transformers builds the block-diagonal mask from them); labels are
-    # shifted inside the model, so they are the inputs (the last position's target is a 1-token difference).
-    forward = lambda: hf(input_ids=t["decoder_input_tokens"], position_ids=t["decoder_positions"],  # noqa
-                         labels=t["decoder_input_tokens"]).loss
+    # Packed rows: per-segment position_ids, from which transformers builds the block-diagonal causal mask, but only
+    # without a KV cache (`use_cache=False`; with the default cache it attends across the packed examples: plain
+    # causal attention, a different and cheaper computation). Labels are shifted inside the model, so they are the
+    # inputs (the last position's target is a 1-token difference).
+    hf_args = lambda rows: dict(input_ids=t["decoder_input_tokens"][rows],  # noqa: E731
+                                position_ids=t["decoder_positions"][rows], use_cache=False)
+    forward = lambda: hf(**hf_args(slice(None)), labels=t["decoder_input_tokens"]).loss  # noqa: E731
+    agreement = _logits_agreement(model, trainer, holder["state"]["params"], batch, hf, hf_args)
     shape = {k: v.shape for k, v in batch.items()}
     what = (f"Llama {trainer.num_params / 1e6:.0f}M train, {shapes.llama_batch} x {shapes.llama_length} packed, "
             + ("LoRA r=8 q/v" if lora else "fp32 AdamW") + (", both sides recompute layers" if remat else ""))
     return Row("llama_lora" if lora else "llama_train", what, run_itjax, _hf_train_step(hf, opt, forward),
-               shapes.llama_batch * shapes.llama_length, trainer.train_step_flops(shape))
+               shapes.llama_batch * shapes.llama_length, trainer.train_step_flops(shape), lambda: agreement)
 
 
 def _agreement(ours: np.ndarray, theirs: np.ndarray) -> str:

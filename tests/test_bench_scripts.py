@@ -1,6 +1,8 @@
 """Smoke tests: the benchmark scripts run end to end on tiny shapes and print what they promise (no timings are
 asserted). The side-by-side script also checks itself: with the same weights on both sides the tiny models' greedy
-generations agree token for token, which fails if the weight copy or the EOS switch-off breaks."""
+generations agree token for token, which fails if the weight copy or the EOS switch-off breaks, and the training
+rows' logits agree (the script stops otherwise), which fails if the HF side computes another function (e.g. attends
+across packed examples)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def test_bench_vs_peers_smoke_table():
     assert [line.split(" | ")[0][2:] for line in table[2:]] == ["t5_train", "llama_lora", "t5_gen2", "llama_gen2"]
     assert "t5_gen2: greedy tokens identical in 2/2 rows" in out
     assert "llama_gen2: greedy tokens identical in 2/2 rows" in out
+    for row in ("t5_train", "llama_lora"):
+        assert f"{row}: first-row logits agree to " in out
 
 
 def test_bench_vs_peers_llama_rows_with_recomputation():
@@ -47,3 +51,4 @@ def test_bench_vs_peers_llama_rows_with_recomputation():
                "--llama_remat", "full")
     rows = [line for line in out.splitlines() if line.startswith("| llama_train")]
     assert len(rows) == 1 and "both sides recompute layers" in rows[0]
+    assert "llama_train: first-row logits agree to " in out
