@@ -40,21 +40,27 @@ class MetricsWriter:
 
     def write(self, record: Mapping[str, Any], tensorboard_name: str | None = None) -> None:
         """Appends `record` (with `step`, `split`, `task`) as one line; its numbers go to the TensorBoard run
-        `tensorboard_name` (default `<split>/<task>`)."""
+        `tensorboard_name` (default `<split>/<task>`) as scalar summaries."""
         if not self._is_writer:
             return
         with epath.Path(self.path).open("a") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         if self._tb_dir:
+            import tensorflow as tf  # loaded already (seqio)
             writer = self._tensorboard(tensorboard_name or f"{record['split']}/{record['task']}")
-            for key, value in record.items():
-                if key not in ("step", "split", "task") and isinstance(value, (int, float)) and np.isfinite(value):
-                    writer.add_scalar(key, value, record["step"])
+            with writer.as_default():
+                for key, value in record.items():
+                    if key not in ("step", "split", "task") and isinstance(value, (int, float)) and \
+                            np.isfinite(value):
+                        tf.summary.write(key, tf.constant(float(value), tf.float32), step=record["step"],
+                                         metadata=_scalar_metadata())
 
     def _tensorboard(self, name: str):
+        """TF's own event-file writer (TensorFlow is loaded for seqio anyway; tensorboardX would import torch
+        when it is installed, ~2.5 s per process)."""
         if name not in self._tb:
-            from tensorboardX import SummaryWriter  # local: only process 0 ever needs it
-            self._tb[name] = SummaryWriter(os.path.join(self._tb_dir, name))
+            import tensorflow as tf
+            self._tb[name] = tf.summary.create_file_writer(os.path.join(self._tb_dir, name))
         return self._tb[name]
 
     def flush(self) -> None:
@@ -64,6 +70,13 @@ class MetricsWriter:
     def close(self) -> None:
         for writer in self._tb.values():
             writer.close()
+
+
+def _scalar_metadata():
+    """Summary metadata that makes TensorBoard's scalars dashboard show a rank-0 tensor summary (what the
+    `tensorboard` package's `tf.summary.scalar` attaches; that package is not a TensorFlow dependency)."""
+    from tensorflow.core.framework import summary_pb2
+    return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
 def _decode_text(value) -> Any:

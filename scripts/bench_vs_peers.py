@@ -2,13 +2,14 @@
 
 Each row builds the itjax side through the code `itjax.train` / `itjax.infer` run (`Trainer.train_step`,
 `Trainer.generate`: the same jitted functions), copies its random initial weights into the HF model (so both
-sides compute the same function; greedy rows also print how many generated tokens agree), then times the two
-sides alternately (ABBA order) in this one process and prints a markdown table of medians:
+sides compute the same function: training rows check that the first row's logits agree and stop otherwise;
+greedy rows print how many generated tokens agree), then times the two sides alternately (ABBA order) in this one
+process and prints a markdown table of medians:
 
     row             itjax                                   HF
     t5_train        T5 v1.1-small, 8 x (512 + 128), fp32    T5ForConditionalGeneration + torch AdamW
     t5_train_bf16   same, bf16 activations + Adafactor      bf16 autocast + transformers Adafactor (report only)
-    llama_train     ~100M Llama, packed rows of 1024, b8    LlamaForCausalLM (packed position_ids), AdamW
+    llama_train     ~100M Llama, packed rows of 1024, b8    LlamaForCausalLM (packed position_ids, no cache)
     llama_lora      LoRA r=8 on q_proj / v_proj             peft LoraConfig(r=8, q_proj / v_proj), AdamW
     t5_gen8/32      greedy + KV cache, 512 in -> 128 new    model.generate(do_sample=False), EOS disabled
     llama_gen8      greedy + KV cache, 256 prompt -> 128    model.generate(do_sample=False), EOS disabled
