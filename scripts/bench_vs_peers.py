@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import dataclasses
 import gc
+import resource
 import sys
 import time
 from typing import Callable
@@ -384,13 +385,38 @@ BUILDERS = {
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def time_row(row: Row, repeats: int) -> dict:
-    """Warm-up (compile) each side twice, then `repeats` rounds in ABBA order; returns median seconds per side.
+WARM_UP_MAX_CALLS = 6  # per side
+SETTLED_FAULTS = 10_000  # minor page faults (4 KiB each) a warm call may still add: ~40 MB
 
-    Two warm-up calls: the first call after the other side's has to grow the process heap to hold both sides'
-    working sets (see itjax/host_memory.py), which the steady state of a training or generation loop never pays."""
-    for fn in (row.itjax, row.hf, row.itjax, row.hf):
-        fn()
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def warm_up(row: Row) -> int:
+    """Calls the two sides alternately until one call of each adds fewer than SETTLED_FAULTS minor page faults
+    (at least 2, at most WARM_UP_MAX_CALLS calls per side); returns the calls per side.
+
+    The first calls compile, then grow the process heap until it holds both sides' working sets, which the steady
+    state of a training or generation loop never pays (see itjax/host_memory.py). Two calls were not always enough:
+    the Llama 4 x 1024 itjax step still took 1.4 million faults (14 s of kernel time) in its second call and 0.25
+    million in its third (18.75 s vs 17.6 s settled), which biased the first timed round."""
+    for calls in range(1, WARM_UP_MAX_CALLS + 1):
+        faults = []
+        for fn in (row.itjax, row.hf):
+            before = _minor_faults()
+            fn()
+            faults.append(_minor_faults() - before)
+        if calls >= 2 and max(faults) < SETTLED_FAULTS:
+            break
+    print(f"  {row.name}: {calls} warm-up calls per side (last: itjax {faults[0]:,} page faults, HF {faults[1]:,})",
+          file=sys.stderr, flush=True)
+    return calls
+
+
+def time_row(row: Row, repeats: int) -> dict:
+    """Warm-up (`warm_up`), then `repeats` rounds in ABBA order; returns median seconds per side."""
+    warm_up(row)
     times = {"itjax": [], "hf": []}
     for r in range(repeats):
         order = ("itjax", "hf") if r % 2 == 0 else ("hf", "itjax")
@@ -424,7 +450,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(r for r in ROWS if r != "t5_train_bf16"),
                         help=f"comma-separated subset of {','.join(ROWS)} (t5_train_bf16 is slow on XLA:CPU, off by "
                              "default)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and row (after two warm-up calls)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and row (after the warm-up calls)")
     parser.add_argument("--llama_batch", type=int, default=None, help="override the Llama training batch (8)")
     parser.add_argument("--llama_remat", default="none", choices=["none", "full"],
                         help="'full': the Llama rows recompute each layer in backward on both sides (itjax "
@@ -467,7 +493,8 @@ def main() -> None:
         results.append((row, t, note))
         del row
         gc.collect()
-    print(f"\nmedians of {args.repeats} alternating calls per side (after two warm-up calls each):\n")
+    print(f"\nmedians of {args.repeats} alternating calls per side (after warm-up calls until the heap stopped "
+          "growing):\n")
     print(table(results, gemm))
     for row, _, note in results:
         if note:
