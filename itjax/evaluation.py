@@ -10,6 +10,7 @@ Results go to `MODEL_DIR/metrics.jsonl` (one line per task plus `"task": "all"`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -72,9 +73,10 @@ class MetricsWriter:
             writer.close()
 
 
+@functools.cache
 def _scalar_metadata():
     """Summary metadata that makes TensorBoard's scalars dashboard show a rank-0 tensor summary (what the
-    `tensorboard` package's `tf.summary.scalar` attaches; that package is not a TensorFlow dependency)."""
+    `tensorboard` package's `tf.summary.scalar` attaches; that package is not a TensorFlow dependency). Built once."""
     from tensorflow.core.framework import summary_pb2
     return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
