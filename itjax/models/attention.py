@@ -162,6 +162,25 @@ def _grouped(x: jax.Array | None, kv_heads: int, groups: int) -> jax.Array | Non
     return x.reshape(x.shape[0], kv_heads, groups, *x.shape[2:])
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def softmax(logits: jax.Array, axis: int = -1) -> jax.Array:
+    """`jax.nn.softmax` (max-shifted) whose derivative reads only its output y: d(y) = y * (dx - sum(y * dx)).
+
+    JAX's default `jax.nn.softmax` (while `jax_softmax_custom_jvp` is off, as in JAX 0.10) is differentiated through
+    exp / sum / divide, so the backward pass keeps the unnormalised exponentials and the sums as well as y, and
+    reads [.., q, k] float32 tensors several more times. The value product keeps y anyway. One T5-small encoder
+    attention core (8 x 512, 6 heads) forward + backward: 166 -> 151 ms on the 2-core CPU."""
+    unnormalized = jnp.exp(logits - jnp.max(logits, axis, keepdims=True))
+    return unnormalized / jnp.sum(unnormalized, axis, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(axis, primals, tangents):
+    (logits,), (logits_dot,) = primals, tangents
+    y = softmax(logits, axis)
+    return y, y * (logits_dot - jnp.sum(y * logits_dot, axis, keepdims=True))
+
+
 def _xla_attention(queries, keys, values, bias, mask, scale, dtype, dropout_rate, dropout_rng):
     """The reference: float32 logits [batch, kv_heads, groups, q, k] with additive bias and mask.
 
@@ -205,7 +224,7 @@ def _heads_major_attention(grouped, keys, values, bias, mask, scale, dtype, drop
         logits = logits + _grouped(bias, kv_heads, groups)
     if mask is not None:
         logits = logits + jnp.where(_grouped(mask, kv_heads, groups), 0.0, MASK_BIAS)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = softmax(logits, -1)
     if dropout_rng is not None and dropout_rate > 0.0:  # drawn over [batch, heads, q, k], as before grouping
         weights = dropout(weights.reshape(b, kv_heads * groups, q, -1), dropout_rate,
                           dropout_rng).reshape(weights.shape)
