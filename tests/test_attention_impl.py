@@ -369,3 +369,22 @@ def test_splash_on_tpu_matches_xla(window):
     tokens = jax.random.randint(jax.random.key(4), (2, 512), 1, 64, dtype=jnp.int32)
     batch = dict(tokens=tokens, segment_ids=segments, positions=positions)
     _assert_same(*_outputs_and_grads(_twins(Llama, config, "splash"), _llama_loss, batch), tol=1e-2)  # the TPU's default matmul precision differs between the two
+
+
+def test_softmax_and_its_derivative_equal_jax_nn_softmax():
+    """`attention.softmax` (its own JVP, reading only the output) against JAX's softmax: values, a JVP and a VJP, with
+    a fully masked row (every logit MASK_BIAS: uniform weights) and large logits (the max shift)."""
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 30.0
+    logits = logits.at[0, 0, 0].set(attention.MASK_BIAS)
+    tangent = jax.random.normal(jax.random.key(1), logits.shape)
+    cotangent = jax.random.normal(jax.random.key(2), logits.shape)
+    ours, reference = attention.softmax, lambda x: jax.nn.softmax(x, axis=-1)
+    np.testing.assert_allclose(ours(logits), reference(logits), atol=1e-7)
+    np.testing.assert_allclose(ours(logits)[0, 0, 0], np.full(7, 1 / 7), rtol=1e-6)
+    np.testing.assert_allclose(jax.jvp(ours, (logits,), (tangent,))[1],
+                               jax.jvp(reference, (logits,), (tangent,))[1], atol=1e-6)
+    np.testing.assert_allclose(jax.vjp(ours, logits)[1](cotangent)[0], jax.vjp(reference, logits)[1](cotangent)[0],
+                               atol=1e-6)
+    # Second derivative too (the custom JVP is itself differentiable).
+    hvp = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(lambda y: jnp.sum(f(y) * cotangent))(x) * tangent))(logits)
+    np.testing.assert_allclose(hvp(ours), hvp(reference), atol=1e-5)
