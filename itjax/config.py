@@ -226,6 +226,22 @@ def check_macros(required: Sequence[str] = REQUIRED_TRAIN_MACROS) -> None:
                           "or of the macro in your gin files.")
 
 
+def macro_value(name: str) -> Any:
+    """The value of gin macro `name` as `%name` gives it to a configurable; None when the macro is unbound.
+
+    A configurable reference in a macro (`MIXTURE_OR_TASK_NAME = @mixture()`) is called inside the macro's scope, as
+    gin does when it evaluates `%name`: a run's operative config.gin binds that call's parameters under the scope
+    (`MIXTURE_OR_TASK_NAME/mixture.name = ...`), so calling the bare `@mixture()` would miss them."""
+    try:
+        value = gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        return None
+    if not isinstance(value, gin.config.ConfigurableReference):
+        return value
+    with gin.config_scope(name):
+        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+
+
 def save_operative_config(model_dir: str) -> str:
     """Writes the operative gin config to MODEL_DIR/config.gin (local or gs://); an existing, different one is
     kept, renamed config.<n>.gin."""

@@ -169,17 +169,17 @@ def load(path: str, step: int | None = None, *, partitioner: Partitioner | None 
     gin.clear_config()
     try:
         config_lib.parse_gin([str(gin_file), *adapter, *gin_files], list(bindings), search_paths)
-        model = _query("train.model") or _query("MODEL/macro.value")
+        model = _query("train.model")
+        model = _built(model) if model is not None else config_lib.macro_value("MODEL")
         if model is None:
             raise config_lib.ConfigError(f"{gin_file} (with the given gin files / bindings) binds no model: "
                                          "neither `train.model` nor the `MODEL` macro.")
-        model = _built(model)
         peft = _built(_query("train.peft")) if kind == RUN or adapter else None
         seed = _built(_query("train.random_seed")) or 0
         if partitioner is None:
             partitioner = _run_partitioner(_query("train.partitioner"))
-        task_name = _built(_query("MIXTURE_OR_TASK_NAME/macro.value"))
-        lengths = _built(_query("TASK_FEATURE_LENGTHS/macro.value"))
+        task_name = config_lib.macro_value("MIXTURE_OR_TASK_NAME")  # e.g. `@mixture()`: called in the macro's scope
+        lengths = config_lib.macro_value("TASK_FEATURE_LENGTHS")
         initial = _built(_query("train.initial_checkpoint_path")) if kind == RUN else None
     finally:
         gin.clear_config()

@@ -110,3 +110,25 @@ def test_gin_files_include_their_family_through_the_builtin_folder():
     config_lib.parse_gin_file(os.path.join(config_lib.builtin_gin_dir(), "models", "mt5_small.gin"))
     config = EncoderDecoderModel().config
     assert (config.vocab_size, config.d_model, config.feed_forward) == (250112, 512, "gated-gelu")
+
+
+def test_macro_value_calls_a_configurable_in_the_macro_scope_as_a_saved_run_config_binds_it():
+    """A run's config.gin (gin's operative config) binds the parameters of `MIXTURE_OR_TASK_NAME = @mixture()` under
+    the macro's scope; reading the macro back (itjax.runs.load: `convert --from_run`, peft export) must call it there."""
+    import seqio
+
+    import itjax.data.mixing  # noqa: F401  (the `mixture` configurable)
+
+    gin.parse_config([
+        "MIXTURE_OR_TASK_NAME = @mixture()",
+        "MIXTURE_OR_TASK_NAME/mixture.name = 'macro_value_two'",
+        "MIXTURE_OR_TASK_NAME/mixture.tasks = ['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]",
+        "TASK_FEATURE_LENGTHS = {'inputs': 8, 'targets': 4}",
+    ])
+    with pytest.raises(RuntimeError, match="Required bindings for `mixture`"):  # the bare reference misses them
+        gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value").scoped_configurable_fn()
+    assert config_lib.macro_value("MIXTURE_OR_TASK_NAME") == "macro_value_two"
+    mixture = seqio.get_mixture_or_task("macro_value_two")
+    assert sorted(t.name for t in mixture.tasks) == ["quickstart_copy_words", "quickstart_reverse_words"]
+    assert config_lib.macro_value("TASK_FEATURE_LENGTHS") == {"inputs": 8, "targets": 4}
+    assert config_lib.macro_value("NOT_BOUND") is None

@@ -216,15 +216,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _macro(name: str):
-    import gin
-
-    try:
-        return gin.query_parameter(f"{name}/macro.value")
-    except ValueError:
-        return None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from itjax import config as config_lib
 
@@ -238,8 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             config_lib.parse_gin(args.gin_file, list(args.gin_bindings) + bindings,
                                  [p for p in args.gin_search_paths.split(",") if p])
-            name = name or _macro("MIXTURE_OR_TASK_NAME")
-            lengths = _macro("TASK_FEATURE_LENGTHS")
+            name = name or config_lib.macro_value("MIXTURE_OR_TASK_NAME")
+            lengths = config_lib.macro_value("TASK_FEATURE_LENGTHS")
         if args.feature_lengths:
             lengths = parse_feature_lengths(args.feature_lengths)
         if not name:
