@@ -23,6 +23,13 @@ from itjax.peft.export import load_lora_run  # noqa: E402
 TOKENS = np.random.RandomState(0).randint(2, 640, size=(2, 16))
 
 
+# Two of the quickstart's 14 tasks: building every task's train and evaluation pipelines would be most of these
+# 3-step runs, and what is exported does not depend on the mixture (runs on a gin-built `@mixture()` also check
+# that `itjax.convert --from_run` reads it back from the run's config.gin).
+TWO_TASKS = ["--gin.MIXTURE_OR_TASK_NAME=@mixture()", "--gin.mixture.name='quickstart_two'",
+             "--gin.mixture.tasks=['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]"]
+
+
 @pytest.fixture(scope="module")
 def hf_and_converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_run")
@@ -40,7 +47,7 @@ def _train(root, name, *extra):
     gin.clear_config()
     model_dir = str(root / name)
     assert train_lib.main([
-        "--gin_file=quickstart_decoder.gin", f"--gin_file={root / 'converted' / 'model.gin'}", *extra,
+        "--gin_file=quickstart_decoder.gin", f"--gin_file={root / 'converted' / 'model.gin'}", *TWO_TASKS, *extra,
         f"--gin.MODEL_DIR='{model_dir}'", f"--gin.train.initial_checkpoint_path='{root / 'converted'}'",
         "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
         "--gin.train.eval_batch_size=8",
