@@ -45,9 +45,7 @@ def _bound(name: str):
         value = gin.query_parameter(name)
     except ValueError:
         return None
-    if isinstance(value, gin.config.ConfigurableReference):  # a %MACRO or @configurable()
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
-    return value
+    return config_lib.evaluate(value)  # a %MACRO or @configurable() evaluated
 
 
 @gin.configurable(denylist=["checkpoint_path", "step", "out_dir", "gin_files", "bindings", "search_paths"])

@@ -226,6 +226,14 @@ def check_macros(required: Sequence[str] = REQUIRED_TRAIN_MACROS) -> None:
                           "or of the macro in your gin files.")
 
 
+def evaluate(value: Any) -> Any:
+    """A value from `gin.query_parameter` as the configurable would receive it: a macro (`%X`) or call (`@f()`)
+    evaluated, a bare configurable reference (`@f`) as the function, anything else as it is."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+    return value
+
+
 def macro_value(name: str) -> Any:
     """The value of gin macro `name` as `%name` gives it to a configurable; None when the macro is unbound.
 
@@ -236,10 +244,8 @@ def macro_value(name: str) -> Any:
         value = gin.query_parameter(f"{name}/macro.value")
     except ValueError:
         return None
-    if not isinstance(value, gin.config.ConfigurableReference):
-        return value
     with gin.config_scope(name):
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+        return evaluate(value)
 
 
 def save_operative_config(model_dir: str) -> str:

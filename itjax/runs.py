@@ -170,17 +170,17 @@ def load(path: str, step: int | None = None, *, partitioner: Partitioner | None 
     try:
         config_lib.parse_gin([str(gin_file), *adapter, *gin_files], list(bindings), search_paths)
         model = _query("train.model")
-        model = _built(model) if model is not None else config_lib.macro_value("MODEL")
+        model = config_lib.evaluate(model) if model is not None else config_lib.macro_value("MODEL")
         if model is None:
             raise config_lib.ConfigError(f"{gin_file} (with the given gin files / bindings) binds no model: "
                                          "neither `train.model` nor the `MODEL` macro.")
-        peft = _built(_query("train.peft")) if kind == RUN or adapter else None
-        seed = _built(_query("train.random_seed")) or 0
+        peft = config_lib.evaluate(_query("train.peft")) if kind == RUN or adapter else None
+        seed = config_lib.evaluate(_query("train.random_seed")) or 0
         if partitioner is None:
             partitioner = _run_partitioner(_query("train.partitioner"))
         task_name = config_lib.macro_value("MIXTURE_OR_TASK_NAME")  # e.g. `@mixture()`: called in the macro's scope
         lengths = config_lib.macro_value("TASK_FEATURE_LENGTHS")
-        initial = _built(_query("train.initial_checkpoint_path")) if kind == RUN else None
+        initial = config_lib.evaluate(_query("train.initial_checkpoint_path")) if kind == RUN else None
     finally:
         gin.clear_config()
     task = None
@@ -401,20 +401,11 @@ def _query(name: str):
         return None
 
 
-def _built(value):
-    """A gin query's value with configurable references (`@Model()`, `%MACRO`) evaluated."""
-    import gin
-
-    if isinstance(value, gin.config.ConfigurableReference):
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
-    return value
-
-
 def _run_partitioner(reference) -> Partitioner:
     """The run's partitioner (its gin binding), or `Partitioner()` when unbound; when its mesh does not fit this
     machine's devices, data parallel over all devices (with a warning)."""
     try:
-        built = _built(reference) if reference is not None else Partitioner()
+        built = config_lib.evaluate(reference) if reference is not None else Partitioner()
         return built if built is not None else Partitioner()
     except ValueError as e:
         log.warning("The run's partitioner does not fit this machine (%s); loading data parallel over %d "

@@ -111,15 +111,6 @@ def record(study_dir: str, run: Run, state: str, **extra) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Checking runs before anything starts.
 
-def _evaluate(value):
-    """A bound gin value with macros (%X) and calls (@f()) evaluated, as train() would receive it."""
-    import gin
-
-    if isinstance(value, gin.config.ConfigurableReference):
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
-    return value
-
-
 def _query(name: str, default=None):
     import gin
 
@@ -127,7 +118,7 @@ def _query(name: str, default=None):
         value = gin.query_parameter(name)
     except ValueError:  # not bound
         return default
-    return _evaluate(value)
+    return config_lib.evaluate(value)
 
 
 @contextlib.contextmanager

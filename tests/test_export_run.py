@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from two_tasks import TWO_TASKS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,13 +22,6 @@ from itjax import convert, runs, train as train_lib  # noqa: E402
 from itjax.peft.export import load_lora_run  # noqa: E402
 
 TOKENS = np.random.RandomState(0).randint(2, 640, size=(2, 16))
-
-
-# Two of the quickstart's 14 tasks: building every task's train and evaluation pipelines would be most of these
-# 3-step runs, and what is exported does not depend on the mixture (runs on a gin-built `@mixture()` also check
-# that `itjax.convert --from_run` reads it back from the run's config.gin).
-TWO_TASKS = ["--gin.MIXTURE_OR_TASK_NAME=@mixture()", "--gin.mixture.name='quickstart_two'",
-             "--gin.mixture.tasks=['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]"]
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,9 @@ import time
 import numpy as np
 import pytest
 from saved_state import saved_state, train_lines
+from two_tasks import TWO_TASKS
 
 
-# Two of the quickstart's tasks, mixed (the mixture sampler's state is part of what must resume exactly): building
-# all 14 tasks' input and evaluation pipelines is most of a short run's start-up.
-TWO_TASKS = ["--gin.MIXTURE_OR_TASK_NAME=@mixture()", "--gin.mixture.name='quickstart_two'",
-             "--gin.mixture.tasks=['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]"]
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from two_tasks import TWO_TASKS
 from flax import nnx
 
 from itjax import checkpoints
@@ -306,10 +307,7 @@ def test_lora_gin_switch_trains_checkpoints_the_adapter_and_resumes(tmp_path, ca
         gin.clear_config()
         return train_lib.main([
             "--gin_file=quickstart.gin", "--gin_file=peft/lora.gin", f"--gin.MODEL_DIR={model_dir}",
-            # Two of the quickstart's 14 tasks: building every task's train and evaluation pipelines would be most
-            # of these short runs, and the adapter's checkpoint / resume / inference do not depend on the mixture.
-            "--gin.MIXTURE_OR_TASK_NAME=@mixture()", "--gin.mixture.name='quickstart_two'",
-            "--gin.mixture.tasks=['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]",
+            *TWO_TASKS,  # the adapter's checkpoint / resume / inference do not depend on the mixture
             f"--gin.TRAIN_STEPS={steps}", "--gin.TASK_FEATURE_LENGTHS={'inputs': 112, 'targets': 8}",
             "--gin.BATCH_SIZE=8", "--gin.train.eval_num_examples=2", "--gin.train.eval_batch_size=8",
             "--gin.train.eval_period=0",

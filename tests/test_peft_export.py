@@ -10,6 +10,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from two_tasks import TWO_TASKS
 from flax import nnx
 
 torch = pytest.importorskip("torch")
@@ -245,10 +246,7 @@ def test_ia3_run_exports_adapter_and_base_with_the_cli(tmp_path):
     assert train_lib.main([
         "--gin_file=quickstart_decoder.gin", f"--gin_file={tmp_path / 'converted' / 'model.gin'}",
         "--gin_file=peft/ia3.gin", f"--gin.MODEL_DIR='{run}'",
-        # Two of the quickstart's 14 tasks (every task's pipelines would be most of this 2-step run), as a gin-built
-        # mixture that `convert --from_run` reads back from the run's config.gin.
-        "--gin.MIXTURE_OR_TASK_NAME=@mixture()", "--gin.mixture.name='quickstart_two'",
-        "--gin.mixture.tasks=['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]",
+        *TWO_TASKS,
         f"--gin.train.initial_checkpoint_path='{tmp_path / 'converted'}'", "--gin.TRAIN_STEPS=2",
         "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
         "--gin.train.eval_batch_size=8", "--gin.train.async_checkpointing=False",

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from two_tasks import TWO_TASKS
 
 from itjax import config as config_lib
 from itjax import dry_run, param_paths
@@ -278,9 +279,7 @@ def test_qlora_run_exports_merged_and_as_peft_adapter(tmp_path):
     assert train_lib.main([
         "--gin_file=quickstart_decoder.gin", f"--gin_file={tmp_path / 'converted' / 'model.gin'}",
         "--gin_file=peft/qlora.gin", "--gin.LoRA.rank=4",
-        # Two of the quickstart's 14 tasks: every task's pipelines would be most of this 3-step run.
-        "--gin.MIXTURE_OR_TASK_NAME=@mixture()", "--gin.mixture.name='quickstart_two'",
-        "--gin.mixture.tasks=['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]",
+        *TWO_TASKS,
         f"--gin.MODEL_DIR='{run}'", f"--gin.train.initial_checkpoint_path='{tmp_path / 'converted'}'",
         "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.train.eval_period=0", "--gin.train.eval_num_examples=1",
         "--gin.train.eval_batch_size=8", "--gin.train.async_checkpointing=False",

@@ -18,15 +18,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from saved_state import saved_state, train_lines
+from two_tasks import TWO_TASKS
 
 from itjax import train as train_lib
 from itjax.data import pipeline
 
 SMALL = [
-    # Two of the quickstart's tasks, mixed (the mixture sampler's state is part of what must resume exactly): building
-    # all 14 tasks' input and evaluation pipelines is most of a short run's start-up.
-    "--gin.MIXTURE_OR_TASK_NAME=@mixture()", "--gin.mixture.name='quickstart_two'",
-    "--gin.mixture.tasks=['quickstart_copy_words', ('quickstart_reverse_words', 2.0)]",
+    *TWO_TASKS,
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
     "--gin.BATCH_SIZE=8",
     "--gin.cosine_decay_schedule.decay_steps=1000",  # the same rates whatever TRAIN_STEPS is
